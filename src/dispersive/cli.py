@@ -19,17 +19,17 @@ from dispersive.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dispersive.train.cli", "train a model from a TOML config (or --resume RUN_DIR)"),
-    "sample": ("dispersive.eval.sample", "draw samples from a checkpoint (PNG grid, .npz, spec)"),
-    "eval": ("dispersive.eval.cli", "FID / IS / KID / precision-recall of a sample file"),
-    "diagnose": ("dispersive.eval.diagnose", "representation norm of every block (Fig. 3)"),
+    "train": ("dispersive.commands.train", "train a model from a TOML config (or --resume RUN_DIR)"),
+    "sample": ("dispersive.commands.sample", "draw samples from a checkpoint (PNG grid, .npz, spec)"),
+    "eval": ("dispersive.commands.eval", "FID / IS / KID / precision-recall of a sample file"),
+    "diagnose": ("dispersive.commands.diagnose", "representation norm of every block (Fig. 3)"),
     "train-classifier": (
-        "dispersive.eval.classifier",
+        "dispersive.commands.train_classifier",
         "train the Fashion-MNIST domain feature network",
     ),
-    "extract-latents": ("dispersive.train.latents", "encode an image folder with a VAE"),
-    "experiment": ("dispersive.experiments.cli", "run a grid of runs and write tables/plots"),
-    "demo": ("dispersive.experiments.demo", "baseline vs dispersive on Fashion-MNIST + report"),
+    "extract-latents": ("dispersive.commands.extract_latents", "encode an image folder with a VAE"),
+    "experiment": ("dispersive.commands.experiment", "run a grid of runs and write tables/plots"),
+    "demo": ("dispersive.commands.demo", "baseline vs dispersive on Fashion-MNIST + report"),
 }
 
 
