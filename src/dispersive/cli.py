@@ -28,8 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train the Fashion-MNIST domain feature network",
     ),
     "extract-latents": ("dispersive.commands.extract_latents", "encode an image folder with a VAE"),
-    "experiment": ("dispersive.commands.experiment", "run a grid of runs and write tables/plots"),
-    "demo": ("dispersive.commands.demo", "baseline vs dispersive on Fashion-MNIST + report"),
 }
 
 

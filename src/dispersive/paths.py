@@ -36,7 +36,9 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"t must have shape ({x.shape[0]},) to match x {tuple(x.shape)}; got {tuple(t.shape)}")
+        raise ValueError(
+            f"t must have shape ({x.shape[0]},) to match x {tuple(x.shape)}; got {tuple(t.shape)}"
+        )
     return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 

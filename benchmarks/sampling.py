@@ -1,0 +1,163 @@
+"""Sampler overhead: time per image of each sampler beside its model evaluations timed alone.
+
+For Euler, Heun and Euler-Maruyama on a small SiT (SiT-XS/4 at 28x28x1, 10 classes), the
+sampler run is timed against a loop of exactly ``nfe(method, steps)`` plain model calls on a
+batch of the same shape (the same number of forwards, with nothing else). The overhead is the
+ratio of the two medians minus one; target: below 3 %. With ``--cfg`` the comparison is the
+guided sampler against the same number of forwards on the doubled batch.
+
+Usage::
+
+    python benchmarks/sampling.py          # full run; writes the "sampling" section of
+                                           # docs/benchmarks.md
+    python benchmarks/sampling.py --quick  # small batch, few steps, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import (  # type: ignore[no-redef]
+        DEFAULT_REPORT,
+        ensure_importable,
+        interleaved_medians,
+        machine_info,
+        markdown_table,
+        write_markdown_section,
+    )
+else:
+    from .common import (
+        DEFAULT_REPORT,
+        ensure_importable,
+        interleaved_medians,
+        machine_info,
+        markdown_table,
+        write_markdown_section,
+    )
+
+ensure_importable()
+
+import torch  # noqa: E402
+
+from dispersive.guidance import cfg  # noqa: E402
+from dispersive.models import build  # noqa: E402
+from dispersive.paths import get_path  # noqa: E402
+from dispersive.samplers import euler, euler_maruyama, heun, nfe  # noqa: E402
+
+METHODS = ("euler", "heun", "euler_maruyama")
+TARGET = 0.03
+
+
+def run(*, model_name: str, batch: int, steps: int, repeats: int, cfg_scale: float) -> list[dict]:
+    torch.manual_seed(0)
+    model = build(model_name, input_size=28, in_channels=1, num_classes=10).eval()
+    path = get_path("linear")
+    noise = torch.randn(batch, 1, 28, 28)
+    y = torch.arange(batch) % 10
+    if cfg_scale == 1.0:
+        fn = lambda x, t: model(x, t, y)
+        x_eval, t_eval, y_eval = noise, torch.rand(batch), y
+    else:
+        fn = cfg(model, y=y, null_y=10, scale=cfg_scale)
+        x_eval = torch.cat([noise, noise])
+        t_eval = torch.rand(2 * batch)
+        y_eval = torch.cat([y, torch.full_like(y, 10)])
+    gen = torch.Generator().manual_seed(0)
+    samplers = {
+        "euler": lambda: euler(fn, noise, steps=steps),
+        "heun": lambda: heun(fn, noise, steps=steps),
+        "euler_maruyama": lambda: euler_maruyama(fn, noise, steps=steps, path=path, generator=gen),
+    }
+    rows = []
+    with torch.inference_mode():
+        for method in METHODS:
+            n = nfe(method, steps)
+
+            def model_only(n: int = n) -> None:
+                for _ in range(n):
+                    model(x_eval, t_eval, y_eval)
+
+            med = interleaved_medians(
+                {"sampler": samplers[method], "model": model_only}, repeats=repeats
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "nfe": n,
+                    "sampler_ms_per_image": 1e3 * med["sampler"] / batch,
+                    "model_ms_per_image": 1e3 * med["model"] / batch,
+                    "overhead": med["sampler"] / med["model"] - 1.0,
+                }
+            )
+    return rows
+
+
+def report(rows: list[dict], *, args: argparse.Namespace, threads: int) -> str:
+    table = markdown_table(
+        ["sampler", "NFE", "sampler ms/image", "model-only ms/image", "overhead", "< 3 %"],
+        [
+            [
+                r["method"],
+                r["nfe"],
+                f"{r['sampler_ms_per_image']:.3f}",
+                f"{r['model_ms_per_image']:.3f}",
+                f"{100 * r['overhead']:+.2f} %",
+                "yes" if r["overhead"] < TARGET else "no",
+            ]
+            for r in rows
+        ],
+    )
+    guided = f", CFG scale {args.cfg} (doubled batch)" if args.cfg != 1.0 else ""
+    return (
+        "## Sampling overhead\n\n"
+        f"{args.model} at 28x28x1, batch {args.batch}, {args.steps} steps{guided}; medians of "
+        f"{args.repeats} interleaved runs. `benchmarks/sampling.py"
+        f"{' --quick' if args.quick else ''}`; {machine_info(threads)}.\n"
+        "Model-only = the same number of forwards on a batch of the same shape, nothing else; "
+        "overhead = sampler / model-only - 1 (target < 3 %; noise of a few % is possible on a "
+        "busy machine).\n\n" + table
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small batch and few steps (smoke run)")
+    p.add_argument("--model", default="SiT-XS/4")
+    p.add_argument("--batch", type=int, default=None, help="images per batch")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per sampler")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = none)")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"markdown file to update (default {DEFAULT_REPORT} unless --quick)",
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.batch = args.batch or (8 if args.quick else 64)
+    args.steps = args.steps or (4 if args.quick else 50)
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    rows = run(
+        model_name=args.model,
+        batch=args.batch,
+        steps=args.steps,
+        repeats=args.repeats,
+        cfg_scale=args.cfg,
+    )
+    text = report(rows, args=args, threads=args.threads)
+    print(text)
+    output = args.output or (None if args.quick else DEFAULT_REPORT)
+    if output is not None:
+        write_markdown_section(output, "sampling", text)
+        print(f"\nwrote section 'sampling' of {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

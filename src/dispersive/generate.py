@@ -1,0 +1,244 @@
+"""Draw images from a model: the right model function, guidance and sampler for its kind.
+
+:func:`generate` is what ``dispersive sample``, the evaluation and the experiment runner call.
+It returns the images and a JSON-able sampler spec that every reported number must carry
+(PAPER.md: "FID numbers that cannot be compared").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dispersive.guidance import cfg
+from dispersive.paths import get_path
+from dispersive.samplers import (
+    ddim_sample,
+    ddpm_sample,
+    euler,
+    euler_maruyama,
+    heun,
+    meanflow_sample,
+    nfe,
+)
+
+__all__ = ["KIND_SAMPLERS", "SAMPLER_OPTIONS", "generate"]
+
+# Which samplers fit which kind of model (``model.kind``).
+KIND_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "flow": ("euler", "heun", "euler_maruyama"),
+    "ddpm": ("ddpm", "ddim"),
+    "meanflow": ("meanflow",),
+}
+
+# The tunable options of each sampler and their defaults; the resolved values go into the spec.
+SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
+    "euler": {},
+    "heun": {"final_euler": True},
+    "euler_maruyama": {"diffusion": "sigma", "diffusion_scale": 1.0, "last_step": 0.04},
+    "ddpm": {"clip_x0": False, "fixed_var": "large"},
+    "ddim": {"eta": 0.0, "clip_x0": False},
+    "meanflow": {},
+}
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and "name" in config:
+        return str(config["name"])
+    return type(model).__name__
+
+
+def _labels(labels: Tensor | Sequence[int] | None, num: int, num_classes: int) -> Tensor | None:
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("labels were given but the model is unconditional (num_classes=0)")
+        return None
+    if labels is None:
+        # Evenly cycled classes, so any num gives a class-balanced set (up to num % classes).
+        return torch.arange(num) % num_classes
+    y = torch.as_tensor(labels)
+    if y.dtype.is_floating_point or y.shape != (num,):
+        raise ValueError(
+            f"labels must be {num} integer class labels; got {y.dtype} {tuple(y.shape)}"
+        )
+    y = y.long()
+    if int(y.min()) < 0 or int(y.max()) > num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] (or {num_classes}, the null label); "
+            f"got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    return y
+
+
+def generate(
+    model: nn.Module,
+    *,
+    num: int,
+    sampler: str = "heun",
+    steps: int = 25,
+    cfg_scale: float = 1.0,
+    cfg_interval: Sequence[float] = (0.0, 1.0),
+    labels: Tensor | Sequence[int] | None = None,
+    path: str = "linear",
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    schedule: Any = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Generate ``num`` images with a trained model.
+
+    The model function depends on ``model.kind``: "flow" -> velocity ``model(x, t, y)`` with the
+    ODE/SDE samplers; "ddpm" -> ``model(x, k, y)`` with DDPM/DDIM (k: original step indices);
+    "meanflow" -> ``model(z, t, h, y)`` with the MeanFlow sampler (its guidance is trained in,
+    so ``cfg_scale`` is normally 1). For DDPM models the guidance interval, given in the
+    package's t, is applied to k / T (T = ``schedule.num_steps``), and only the epsilon channels
+    are guided (the learned variance comes from the conditional half).
+
+    Randomness: per batch, the initial noise and then the sampler's noise are drawn in turn from
+    ``generator``, so results are reproducible for the same generator seed and batch_size.
+
+    Args:
+        model: a model from :func:`dispersive.models.build` (attributes ``kind``,
+            ``num_classes``, ``in_channels``, ``input_size``, ``config``).
+        num: number of images.
+        sampler: one of :data:`KIND_SAMPLERS` [model.kind].
+        steps: sampler steps (see :func:`dispersive.samplers.nfe` for model evaluations).
+        cfg_scale: classifier-free guidance scale (1 = none; needs a class-conditional model).
+        cfg_interval: (lo, hi) range of t where guidance applies.
+        labels: (num,) class labels; default cycles through 0..num_classes-1. None for
+            unconditional models.
+        path: interpolant of flow models ("linear" or "gvp"), for the SDE's score.
+        generator: source of all randomness (noise, SDE/DDPM steps).
+        batch_size: images per forward batch (doubled internally under guidance).
+        device: where to run; default the model's device.
+        schedule: DDPM schedule for "ddpm" models; default ``DDPMSchedule()`` (DiT's 1000
+            linear betas).
+        options: sampler options overriding :data:`SAMPLER_OPTIONS` [sampler], e.g.
+            ``{"last_step": 0.0}`` for Euler-Maruyama or ``{"eta": 1.0}`` for DDIM.
+
+    Returns:
+        (images, spec): images (num, C, H, W) float32 on the CPU, clamped to [-1, 1]; spec a
+        JSON-able dict {"method", "steps", "nfe", "options" (every sampler option, resolved),
+        "cfg_scale", "cfg_interval", "model", "kind", "num", "path" (flow), "schedule_steps"
+        (ddpm), "seed" (when a generator is given)}.
+    """
+    kind = getattr(model, "kind", None)
+    if kind not in KIND_SAMPLERS:
+        raise ValueError(f"model.kind must be one of {sorted(KIND_SAMPLERS)}; got {kind!r}")
+    if sampler not in KIND_SAMPLERS[kind]:
+        raise ValueError(
+            f"sampler {sampler!r} does not fit a {kind!r} model; valid samplers for it: "
+            f"{list(KIND_SAMPLERS[kind])}"
+        )
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive integer; got {num!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    num_classes = int(model.num_classes)
+    y_all = _labels(labels, num, num_classes)
+    cfg_scale = float(cfg_scale)
+    lo, hi = (float(v) for v in cfg_interval)
+    if cfg_scale != 1.0 and num_classes == 0:
+        raise ValueError("cfg_scale != 1 needs a class-conditional model (num_classes > 0)")
+    unknown = sorted(set(options or {}) - set(SAMPLER_OPTIONS[sampler]))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for sampler {sampler!r}; valid options: "
+            f"{sorted(SAMPLER_OPTIONS[sampler])}"
+        )
+    opts = {**SAMPLER_OPTIONS[sampler], **(options or {})}
+    n_evals = nfe(
+        sampler, steps, **({"final_euler": opts["final_euler"]} if sampler == "heun" else {})
+    )
+
+    param = next(model.parameters(), None)
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    # Noise in the model's parameter dtype (float32 for a model without parameters).
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    c, size = int(model.in_channels), int(model.input_size)
+
+    flow_path = get_path(path) if kind == "flow" else None
+    if kind == "ddpm":
+        if schedule is None:
+            from dispersive.schedules import DDPMSchedule
+
+            schedule = DDPMSchedule()
+        learn_sigma = bool(getattr(model, "learn_sigma", model.out_channels == 2 * c))
+        total = float(schedule.num_steps)
+        interval = (lo * total, hi * total)  # guidance sees k, not t
+        channels = c  # guide epsilon only; the variance comes from the conditional half
+    else:
+        interval, channels = (lo, hi), None
+
+    images = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, num, batch_size):
+                b = min(batch_size, num - start)
+                noise = torch.randn(
+                    (b, c, size, size),
+                    generator=generator,
+                    dtype=dtype,
+                    device=generator.device if generator is not None else device,
+                ).to(device)
+                y = None if y_all is None else y_all[start : start + b].to(device)
+                if y is None or cfg_scale == 1.0:
+                    fn = lambda x, *a, _y=y: model(x, *a, _y)
+                else:
+                    fn = cfg(
+                        model,
+                        y=y,
+                        null_y=num_classes,
+                        scale=cfg_scale,
+                        interval=interval,
+                        channels=channels,
+                    )
+                if sampler in ("euler", "heun", "meanflow"):
+                    run = {"euler": euler, "heun": heun, "meanflow": meanflow_sample}[sampler]
+                    x = run(fn, noise, steps=steps, **opts)
+                elif sampler == "euler_maruyama":
+                    x = euler_maruyama(
+                        fn, noise, steps=steps, path=flow_path, generator=generator, **opts
+                    )
+                else:
+                    run = ddpm_sample if sampler == "ddpm" else ddim_sample
+                    x = run(
+                        fn,
+                        noise,
+                        schedule=schedule,
+                        steps=steps,
+                        learn_sigma=learn_sigma,
+                        generator=generator,
+                        **opts,
+                    )
+                images.append(x.clamp(-1, 1).float().cpu())
+    finally:
+        model.train(was_training)
+
+    spec: dict[str, Any] = {
+        "method": sampler,
+        "steps": steps,
+        "nfe": n_evals,
+        "options": opts,
+        "cfg_scale": cfg_scale,
+        "cfg_interval": [lo, hi],
+        "model": _model_name(model),
+        "kind": kind,
+        "num": num,
+    }
+    if kind == "flow":
+        spec["path"] = path
+    if kind == "ddpm":
+        spec["schedule_steps"] = int(schedule.num_steps)
+    if generator is not None:
+        spec["seed"] = int(generator.initial_seed())
+    return torch.cat(images), spec

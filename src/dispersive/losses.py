@@ -1,0 +1,608 @@
+"""Dispersive Loss (Wang & He 2025, Table 1) and its contrastive counterparts.
+
+Everything here is a batch regulariser on flattened activations ``z`` of shape (B, ...): each
+sample is flattened to a vector of ``dim`` numbers and the functions return a scalar.
+
+Definitions (``dim`` = features per sample, ``N_pairs`` = B^2 with the diagonal, B(B-1) without):
+
+- distance, l2 variants:  ``dist_ij = ||z_i - z_j||^2 / dim`` (``/ dim`` only when
+  ``normalize_by_dim``; the authors' PyTorch code divides by ``dim``), computed from batch-centred
+  features through the B x B Gram matrix; ``dist_ii = 0`` exactly.
+- dissimilarity, cosine:  ``dist_ij = -cos(z_i, z_j)``, ``dist_ii = -1`` exactly
+  (``normalize_by_dim`` does not apply: cosine is already scale free).
+- ``infonce_*``:  ``log( (1 / N_pairs) sum_{i,j} exp(-dist_ij / tau) )`` (paper Eq. 6), computed as
+  ``logsumexp - log N_pairs``. With the diagonal it lies in ``[-log B, 0]``: 0 at collapse.
+- ``hinge``:  ``(1 / N_pairs) sum_{i,j} max(0, margin - dist_ij)^2`` with the l2 distance.
+- ``covariance``:  ``sum_{m,n} Cov_mn^2`` (divided by ``dim^2``, i.e. the mean over the D x D
+  entries, when ``normalize_by_dim``). ``Cov = Zn^T Zn / (B - 1)`` where ``Zn`` standardises each
+  feature over the batch: ``Zn[:, m] = (z[:, m] - mean_m) / sqrt(var_m + 1e-5 * mean_k var_k)``
+  (unbiased ``var``; the small relative ``eps`` keeps constant features finite and the loss
+  invariant to a global rescaling). So ``Cov_mm ~= 1`` is the "constant diagonal" of the paper.
+  The D x D matrix is never formed: ``sum Cov^2 = ||Zn Zn^T||_F^2 / (B - 1)^2``. With the mean
+  normalisation the value lies in ``[~1 / min(B - 1, dim), ~1]`` (Cov has rank <= B - 1).
+  ``include_diagonal`` (a statement about sample pairs) does not apply to this variant.
+
+Numerics: the computation runs in float32 whatever the input dtype or autocast state (float64
+inputs are computed in float64, which the gradient checks use; float32 is the minimum
+precision). No D x D matrix and no B x B x D tensor is ever formed: the one O(B^2 D) step is the
+Gram matrix of the centred features, computed in column chunks so that the centred (and upcast)
+copy never exists in full; its backward is a single matmul per chunk.
+
+Scopes: ``scope="local"`` (default, the authors' semantics) uses this process's batch.
+``scope="global"`` gathers z from every ``torch.distributed`` rank with a differentiable
+all_gather; see :func:`dispersive_loss` for the exact gradient relationship. Without an
+initialised process group (or with one rank) both are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "VARIANTS",
+    "SCOPES",
+    "DispersiveLoss",
+    "dispersive_loss",
+    "contrastive_loss",
+    "dispersion_stats",
+]
+
+VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+SCOPES: tuple[str, ...] = ("local", "global")
+
+# Elements per column chunk of the Gram computation (16 MiB in float32): bounds the transient
+# centred/upcast copy while keeping each matmul large enough to run at full speed.
+_CHUNK_ELEMS = 1 << 22
+# At most this many columns per chunk: a float32 matmul accumulating over 300K columns in one
+# call measured 1e-5 relative error in G; chunks of 16K columns summed in G measured 3e-7.
+_CHUNK_COLS = 1 << 14
+# At least this many chunks (when dim allows), so the chunk buffer stays <= 1/4 of z's size.
+_MIN_CHUNKS = 4
+# Relative variance floor of the covariance variant's per-feature standardisation.
+_COV_EPS = 1e-5
+# Norm floor for the cosine variant (as torch.nn.functional.normalize): zero rows stay finite.
+_NORM_EPS = 1e-12
+# dispersion_stats: a pair is "active" while its InfoNCE weight exp(-dist / tau) exceeds this.
+_ACTIVE_THRESHOLD = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_options(variant: str, tau: float, margin: float, scope: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown dispersive loss variant {variant!r}; valid variants: {VARIANTS}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; valid scopes: {SCOPES}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0 (the temperature); got {tau!r}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin must be a finite number > 0 (the hinge epsilon); got {margin!r}")
+
+
+def _flatten(z: Tensor, name: str = "z") -> Tensor:
+    """Check z's type and shape and flatten it to (B, dim).
+
+    Batch size and finiteness are checked after any gathering, on data every rank shares, so
+    that all ranks raise together instead of leaving the others waiting in a collective.
+    """
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, ...); got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor of activations; got dtype {z.dtype}. "
+            f"Convert it with {name}.float()."
+        )
+    if z.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (B, ...) with the batch first (each sample is flattened to a "
+            f"vector); got a {z.ndim}-D tensor of shape {tuple(z.shape)}. Pass the activations "
+            f"of the whole batch, e.g. (B, tokens, hidden) or (B, C, H, W)."
+        )
+    if z.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(z.shape)}); it needs B >= 2 samples")
+    return z.reshape(z.shape[0], -1)
+
+
+def _check_finite(z: Tensor, name: str) -> None:
+    # Chunked sums instead of an elementwise mask (no full-size temporary, one host sync): any
+    # NaN/Inf makes a sum non-finite. Half types are summed in float32 (an fp16 sum overflows at
+    # 65504); a non-finite total is confirmed elementwise before raising, so a legitimate
+    # overflow of the sum costs time, never a false error.
+    zd = z.detach().reshape(z.shape[0], -1)
+    acc = torch.float32 if zd.element_size() < 4 else zd.dtype
+    total = sum(zd[:, s:e].sum(dtype=acc) for s, e in _column_chunks(*zd.shape))
+    if torch.isfinite(total):
+        return
+    bad = ~torch.isfinite(zd)
+    if bad.any():
+        n_nan = int(torch.isnan(zd).sum())
+        first = int(bad.any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} contains non-finite values ({n_nan} NaN, {int(bad.sum()) - n_nan} Inf; "
+            f"first in sample {first} of the batch the loss sees); the loss needs finite "
+            f"activations. The model has probably diverged upstream: lower the learning rate "
+            f"or enable gradient clipping."
+        )
+
+
+def _check_batch(b: int, scope: str) -> None:
+    if b < 2:
+        where = "in total over all ranks" if scope == "global" else "per device"
+        raise ValueError(
+            f"the dispersive loss needs at least two samples {where} (got B={b}): it compares "
+            f"samples within the batch, and with one sample the only pair is the sample with "
+            f"itself, so the loss is a constant with zero gradient. Increase the per-device "
+            f"batch size (or use scope='global' to gather samples from all ranks)."
+        )
+
+
+def _compute_dtype(z: Tensor) -> torch.dtype:
+    # float32 is the minimum precision (pdist/logsumexp in bf16 lose the signal); float64
+    # inputs stay float64 so that gradcheck can verify the gradients.
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _eye(b: int, device: torch.device) -> Tensor:
+    return torch.eye(b, dtype=torch.bool, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# The Gram matrix: the one O(B^2 dim) step, with a hand-written one-matmul backward
+# --------------------------------------------------------------------------------------------
+
+
+def _column_chunks(b: int, dim: int) -> list[tuple[int, int]]:
+    width = max(1, min(_CHUNK_COLS, _CHUNK_ELEMS // max(b, 1), -(-dim // _MIN_CHUNKS)))
+    return [(s, min(s + width, dim)) for s in range(0, dim, width)]
+
+
+def _chunks(z: Tensor, mu: Tensor | None, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(s, e, z[:, s:e] - mu[s:e])`` in ``dtype`` (B, e - s), column chunk by chunk.
+
+    The centred/upcast chunk lives in one reused buffer (fresh allocations of this size cost
+    page faults), so each chunk must be consumed before the next is requested. Without
+    centring or upcast the chunk is a strided view of z, which BLAS reads directly.
+    """
+    b, dim = z.shape
+    chunks = _column_chunks(b, dim)
+    if mu is None and z.dtype == dtype:
+        for s, e in chunks:
+            yield s, e, z[:, s:e]
+        return
+    flat = torch.empty(b * (chunks[0][1] - chunks[0][0]), dtype=dtype, device=z.device)
+    for s, e in chunks:
+        blk = flat[: b * (e - s)].view(b, e - s)
+        if mu is None:
+            blk.copy_(z[:, s:e])
+        else:
+            torch.sub(z[:, s:e], mu[s:e], out=blk)
+        yield s, e, blk
+
+
+class _Gram(torch.autograd.Function):
+    """G = Zc Zc^T in ``dtype`` (B, B); Zc = z - mean over the batch if ``center`` else z.
+
+    Chunked over columns so the centred/upcast copy of z never exists in full. Backward:
+    dL/dz = P (gG + gG^T) Zc with P = I - 11^T / B (the centring projection), one matmul per
+    chunk; only z and the (dim,) mean are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, center: bool, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        b = z.shape[0]
+        mu = z.mean(dim=0, dtype=dtype) if center else None
+        g = torch.zeros((b, b), dtype=dtype, device=z.device)
+        for _, _, blk in _chunks(z, mu, dtype):
+            g.addmm_(blk, blk.T)
+        ctx.save_for_backward(z, mu)
+        ctx.dtype = dtype
+        # BLAS need not return an exactly symmetric product; symmetrise so that d_ij == d_ji.
+        return 0.5 * (g + g.T)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_g: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        z, mu = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        a = grad_g + grad_g.T  # dL/dZc = (gG + gG^T) Zc
+        if mu is not None:
+            a = a - a.mean(dim=0, keepdim=True)  # P a: the centring's backward
+        grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+        for s, e, blk in _chunks(z, mu, ctx.dtype):
+            if grad.dtype == ctx.dtype:
+                torch.mm(a, blk, out=grad[:, s:e])
+            else:
+                grad[:, s:e] = a @ blk  # cast back to the input's (lower) precision
+        return grad, None, None
+
+
+def _sq_dist(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """Squared l2 distances (B, B) from batch-centred features; exact zeros on the diagonal."""
+    g = _Gram.apply(z, True, dtype)
+    n = g.diagonal()
+    d = (n[:, None] + n[None, :] - 2 * g).clamp_min(0)
+    return d.masked_fill(_eye(z.shape[0], z.device), 0.0)
+
+
+def _neg_cos(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """-cos(z_i, z_j) (B, B); exactly -1 on the diagonal (also for zero rows)."""
+    g = _Gram.apply(z, False, dtype)
+    n = g.diagonal().clamp_min(torch.finfo(dtype).tiny).sqrt().clamp_min(_NORM_EPS)
+    cos = g / n[:, None] / n[None, :]
+    return (-cos).masked_fill(_eye(z.shape[0], z.device), -1.0)
+
+
+def _standardize(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-feature standardisation over the batch (covariance variant), in ``dtype``."""
+    b = z.shape[0]
+    zc = z.to(dtype)
+    zc = zc - zc.mean(dim=0)
+    var = zc.square().sum(dim=0) / (b - 1)
+    floor = torch.finfo(dtype).tiny
+    return zc * torch.rsqrt((var + _COV_EPS * var.mean()).clamp_min(floor))
+
+
+def _dissimilarity(z: Tensor, variant: str, normalize_by_dim: bool, dtype: torch.dtype) -> Tensor:
+    if variant == "infonce_cosine":
+        return _neg_cos(z, dtype)
+    d = _sq_dist(z, dtype)
+    return d / z.shape[1] if normalize_by_dim else d
+
+
+def _reduce_infonce(dis: Tensor, tau: float, include_diagonal: bool) -> Tensor:
+    b = dis.shape[0]
+    logits = -dis / tau
+    if include_diagonal:
+        n_pairs = b * b
+    else:
+        logits = logits.masked_fill(_eye(b, dis.device), -math.inf)
+        n_pairs = b * (b - 1)
+    # logsumexp - log n, never log(mean(exp)): exp(-d / tau) underflows for spread-out batches.
+    return torch.logsumexp(logits.reshape(-1), dim=0) - math.log(n_pairs)
+
+
+def _reduce_hinge(d: Tensor, margin: float, include_diagonal: bool) -> Tensor:
+    b = d.shape[0]
+    h = torch.relu(margin - d).square()
+    if include_diagonal:
+        return h.sum() / (b * b)
+    return h.masked_fill(_eye(b, d.device), 0.0).sum() / (b * (b - 1))
+
+
+def _covariance_sum_sq(zn_a: Tensor, zn_b: Tensor | None = None) -> Tensor:
+    """sum_{m,n} C_mn^2 for C = Zn_a^T Zn_b / (B - 1), through B x B Gram matrices only."""
+    b = zn_a.shape[0]
+    ga = _Gram.apply(zn_a, False, zn_a.dtype)
+    if zn_b is None:
+        # ||Zn^T Zn||_F = ||Zn Zn^T||_F
+        return ga.square().sum() / (b - 1) ** 2
+    gb = _Gram.apply(zn_b, False, zn_b.dtype)
+    # ||A^T B||_F^2 = tr(A A^T B B^T) = sum_ij Ga_ij Gb_ij (both symmetric)
+    return (ga * gb).sum() / (b - 1) ** 2
+
+
+def _dispersive_2d(
+    z: Tensor,
+    *,
+    variant: str,
+    tau: float,
+    margin: float,
+    normalize_by_dim: bool,
+    include_diagonal: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The loss on an already checked, flattened (and gathered) batch (B, dim)."""
+    if variant == "covariance":
+        total = _covariance_sum_sq(_standardize(z, dtype))
+        return total / z.shape[1] ** 2 if normalize_by_dim else total
+    dis = _dissimilarity(z, variant, normalize_by_dim, dtype)
+    if variant == "hinge":
+        return _reduce_hinge(dis, margin, include_diagonal)
+    return _reduce_infonce(dis, tau, include_diagonal)
+
+
+# --------------------------------------------------------------------------------------------
+# Global scope: a differentiable all_gather
+# --------------------------------------------------------------------------------------------
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate z (B_r, dim) from every rank along dim 0 (ranks may hold different B_r).
+
+    Backward all-reduces (sums) the incoming gradient over ranks and returns this rank's rows:
+    grad_r = sum_s dL_s / dz_r, where L_s is the loss computed on rank s.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        shape = torch.tensor(z.shape, dtype=torch.long, device=z.device)
+        shapes = [torch.empty_like(shape) for _ in range(world)]
+        dist.all_gather(shapes, shape)
+        sizes = [int(s[0]) for s in shapes]
+        dims = {int(s[1]) for s in shapes}
+        if len(dims) != 1:
+            raise ValueError(
+                f"scope='global' needs the same number of features per sample on every rank; "
+                f"got {sorted(dims)}. Tap the same layer of the same model on all ranks."
+            )
+        top = max(sizes)
+        # all_gather needs equal shapes: pad to the largest per-rank batch, then trim.
+        padded = torch.cat([z, z.new_zeros(top - z.shape[0], z.shape[1])]).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, rank
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def _gather(z: Tensor, scope: str) -> Tensor:
+    if scope == "global" and _world_size() > 1:
+        return _AllGather.apply(z)
+    return z
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def dispersive_loss(
+    z: Tensor,
+    *,
+    variant: str = "infonce_l2",
+    tau: float = 0.5,
+    margin: float = 1.0,
+    normalize_by_dim: bool = True,
+    include_diagonal: bool = True,
+    scope: str = "local",
+) -> Tensor:
+    """Dispersive Loss of a batch of activations (paper Table 1; definitions in the module doc).
+
+    Args:
+        z: activations (B, ...) of one forward pass, any floating dtype; each sample is
+            flattened to ``dim`` numbers. B >= 2 (per device for ``scope="local"``).
+        variant: ``"infonce_l2"`` (paper default), ``"infonce_cosine"``, ``"hinge"`` or
+            ``"covariance"``.
+        tau: InfoNCE temperature (> 0).
+        margin: hinge margin epsilon (> 0), on the same distance as ``infonce_l2``.
+        normalize_by_dim: divide the squared l2 distance by ``dim`` (the authors' code does; it
+            makes tau transfer across widths); the covariance sum is divided by ``dim^2``.
+            Ignored by ``infonce_cosine``.
+        include_diagonal: keep the i == j pairs (paper and authors' code); ignored by
+            ``covariance``.
+        scope: ``"local"``: this process's batch (authors' semantics). ``"global"``: z is
+            gathered from all ranks (differentiable) and the loss L is computed on the
+            concatenated batch, identically on every rank. The gradient that reaches rank r's z
+            is ``sum_s dL_s/dz_r = world_size * dL/dz_r``; DDP then averages parameter gradients
+            over ranks, so the result equals the one-process gradient of L on the concatenated
+            batch. Every rank must call the loss and backward (collective operations).
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 input).
+
+    Raises:
+        ValueError: B < 2, non-finite z, z with fewer than 2 dims, unknown variant/scope,
+            tau or margin not > 0, different ``dim`` on different ranks (global scope).
+        TypeError: z is not a floating-point tensor.
+    """
+    _check_options(variant, tau, margin, scope)
+    z2 = _flatten(z)
+    dtype = _compute_dtype(z2)
+    with _no_autocast(z2.device):
+        if scope == "global" and _world_size() > 1:
+            z2 = _gather(z2.to(dtype), scope)
+        _check_batch(z2.shape[0], scope)
+        _check_finite(z2, "z")
+        return _dispersive_2d(
+            z2,
+            variant=variant,
+            tau=tau,
+            margin=margin,
+            normalize_by_dim=normalize_by_dim,
+            include_diagonal=include_diagonal,
+            dtype=dtype,
+        )
+
+
+class DispersiveLoss(nn.Module):
+    """:func:`dispersive_loss` as a module (no parameters); ``forward(z) -> scalar``.
+
+    Takes the same keywords as :func:`dispersive_loss`; they are checked at construction.
+    """
+
+    def __init__(
+        self,
+        *,
+        variant: str = "infonce_l2",
+        tau: float = 0.5,
+        margin: float = 1.0,
+        normalize_by_dim: bool = True,
+        include_diagonal: bool = True,
+        scope: str = "local",
+    ) -> None:
+        super().__init__()
+        _check_options(variant, tau, margin, scope)
+        self.variant = variant
+        self.tau = tau
+        self.margin = margin
+        self.normalize_by_dim = normalize_by_dim
+        self.include_diagonal = include_diagonal
+        self.scope = scope
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z (B, ...) -> scalar loss."""
+        return dispersive_loss(
+            z,
+            variant=self.variant,
+            tau=self.tau,
+            margin=self.margin,
+            normalize_by_dim=self.normalize_by_dim,
+            include_diagonal=self.include_diagonal,
+            scope=self.scope,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"variant={self.variant!r}, tau={self.tau}, margin={self.margin}, "
+            f"normalize_by_dim={self.normalize_by_dim}, "
+            f"include_diagonal={self.include_diagonal}, scope={self.scope!r}"
+        )
+
+
+def contrastive_loss(
+    z: Tensor,
+    z_pos: Tensor,
+    *,
+    variant: str = "infonce_l2",
+    tau: float = 0.5,
+    margin: float = 1.0,
+    normalize_by_dim: bool = True,
+    include_diagonal: bool = True,
+    scope: str = "local",
+    off_diagonal_weight: float = 1.0,
+) -> Tensor:
+    """The contrastive counterpart of each variant (paper Table 1/2): dispersive + positive term.
+
+    ``z_pos[i]`` is the second view of sample ``i``. With ``dist`` the same (dis)similarity as
+    :func:`dispersive_loss` (incl. ``/ dim``) and means over the B positive pairs:
+
+    - ``infonce_*``: ``mean_i dist(z_i, z_pos_i) / tau + dispersive_loss(z)``. The negatives
+      are the first view's batch, in the batch form of paper Eq. 6 (Wang & Isola's
+      alignment + uniformity): it differs from Eq. 3 averaged over i by the Jensen gap of the
+      batch form and the constant ``log N_pairs``.
+    - ``hinge``: ``mean_i dist(z_i, z_pos_i)^2 + dispersive_loss(z, variant="hinge")``.
+    - ``covariance`` (Barlow Twins): with the cross-covariance ``C = Zn^T Zn_pos / (B - 1)`` of
+      the two views, each standardised per feature as in the dispersive variant,
+      ``[sum_m (1 - C_mm)^2 + w sum_{m != n} C_mn^2] / N``, ``w = off_diagonal_weight``,
+      ``N = dim^2`` if ``normalize_by_dim`` else 1. This equals ``w * sum_{m,n} C_mn^2 / N``
+      (the dispersive form on the cross-covariance, which is ``w * dispersive_loss(z)`` when
+      ``z_pos = z``) plus the positive term ``sum_m [(1 - C_mm)^2 - w C_mm^2] / N``.
+
+    So for the first three, ``contrastive_loss(z, z_pos) - dispersive_loss(z)`` is exactly the
+    positive term. Only the first view's batch provides negatives; z_pos gets gradient only
+    through the positive term (and the cross-covariance).
+
+    Args:
+        z: first view (B, ...), the view that also receives the denoising loss.
+        z_pos: second view, same shape as z.
+        variant, tau, margin, normalize_by_dim, include_diagonal, scope: as in
+            :func:`dispersive_loss` (``scope="global"`` gathers both views).
+        off_diagonal_weight: Barlow Twins' ``w`` (covariance only; Barlow Twins used about
+            5e-3 at dim 8192 without the ``/ dim^2``; the paper does not state its value).
+
+    Returns:
+        A scalar tensor (float32, or float64 when both views are float64).
+    """
+    _check_options(variant, tau, margin, scope)
+    z2 = _flatten(z, "z")
+    p2 = _flatten(z_pos, "z_pos")
+    if z2.shape != p2.shape:
+        raise ValueError(
+            f"z and z_pos must have the same shape (one positive per sample); got "
+            f"{tuple(z.shape)} and {tuple(z_pos.shape)}"
+        )
+    dtype = torch.promote_types(_compute_dtype(z2), _compute_dtype(p2))
+    with _no_autocast(z2.device):
+        if scope == "global" and _world_size() > 1:
+            z2, p2 = _gather(z2.to(dtype), scope), _gather(p2.to(dtype), scope)
+        b, dim = z2.shape
+        _check_batch(b, scope)
+        _check_finite(z2, "z")
+        _check_finite(p2, "z_pos")
+        if variant == "covariance":
+            zn, pn = _standardize(z2, dtype), _standardize(p2, dtype)
+            c_diag = (zn * pn).sum(dim=0) / (b - 1)  # (dim,): C_mm
+            total = _covariance_sum_sq(zn, pn)
+            w = off_diagonal_weight
+            loss = (1 - c_diag).square().sum() + w * (total - c_diag.square().sum())
+            return loss / dim**2 if normalize_by_dim else loss
+        z2c, p2c = z2.to(dtype), p2.to(dtype)
+        if variant == "infonce_cosine":
+            n_z = torch.linalg.vector_norm(z2c, dim=1).clamp_min(_NORM_EPS)
+            n_p = torch.linalg.vector_norm(p2c, dim=1).clamp_min(_NORM_EPS)
+            pos = -(z2c * p2c).sum(dim=1) / (n_z * n_p)
+        else:
+            pos = (z2c - p2c).square().sum(dim=1)
+            if normalize_by_dim:
+                pos = pos / dim
+        pos_term = pos.square().mean() if variant == "hinge" else pos.mean() / tau
+        return pos_term + _dispersive_2d(
+            z2,
+            variant=variant,
+            tau=tau,
+            margin=margin,
+            normalize_by_dim=normalize_by_dim,
+            include_diagonal=include_diagonal,
+            dtype=dtype,
+        )
+
+
+@torch.no_grad()
+def dispersion_stats(
+    z: Tensor, *, tau: float = 0.5, normalize_by_dim: bool = True
+) -> dict[str, float]:
+    """Diagnostics of a batch of activations, for logging ("is it working?").
+
+    Args:
+        z: activations (B, ...), B >= 2, flattened per sample (this process's batch).
+        tau: temperature of the InfoNCE-l2 loss and of ``active_frac``.
+        normalize_by_dim: divide squared distances by ``dim``, as in the loss.
+
+    Returns:
+        ``loss``: InfoNCE-l2 dispersive loss with the diagonal, in [-log B, 0];
+        ``floor_gap``: ``loss + log B`` (0 when every pair is far apart);
+        ``mean_dist``, ``min_dist``: mean and minimum off-diagonal distance ``dist_ij``;
+        ``active_frac``: fraction of off-diagonal pairs with ``exp(-dist_ij / tau) > 1e-3``
+        (the pairs that still produce gradient);
+        ``rep_norm``: mean l2 norm of the flattened samples (not divided by sqrt(dim)).
+    """
+    _check_options("infonce_l2", tau, 1.0, "local")
+    z2 = _flatten(z)
+    b = z2.shape[0]
+    _check_batch(b, "local")
+    _check_finite(z2, "z")
+    dtype = _compute_dtype(z2)
+    with _no_autocast(z2.device):
+        d = _dissimilarity(z2, "infonce_l2", normalize_by_dim, dtype)
+        loss = _reduce_infonce(d, tau, include_diagonal=True)
+        off = d[~_eye(b, d.device)]
+        active = (torch.exp(-off / tau) > _ACTIVE_THRESHOLD).to(dtype).mean()
+        rep_norm = torch.linalg.vector_norm(z2, dim=1, dtype=dtype).mean()
+    return {
+        "loss": float(loss),
+        "floor_gap": float(loss) + math.log(b),
+        "mean_dist": float(off.mean()),
+        "min_dist": float(off.min()),
+        "active_frac": float(active),
+        "rep_norm": float(rep_norm),
+    }

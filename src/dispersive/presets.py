@@ -1,0 +1,126 @@
+"""Named settings of the Dispersive Loss: the paper's and the authors' public PyTorch code's.
+
+- ``"paper"``: lambda 0.5, tau 0.5, infonce_l2, first quarter of the depth
+  (``blocks.{depth // 4 - 1}``), per-device batch 16 (paper Sec. 4, JAX).
+- ``"authors-pytorch"``: lambda 0.25, tau 1.0, infonce_l2, last block (``blocks.{depth - 1}``),
+  per-device batch 32 (the authors' public PyTorch code).
+
+Block names are 0-indexed module paths (as for :class:`dispersive.FeatureTap`); the paper's
+"block 3 of 12" is ``blocks.2``. Both use ``normalize_by_dim=True`` (the authors' code divides
+the squared distance by the feature count) and include the diagonal.
+
+Example::
+
+    from dispersive.presets import get_preset, resolve_block
+
+    p = get_preset("paper")
+    tap = FeatureTap(model, resolve_block(p, model.depth))
+    loss = mse + p.weight * dispersive_loss(tap.pop(), **p.loss_kwargs())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BLOCK_RULES", "PRESETS", "Preset", "get_preset", "resolve_block"]
+
+BLOCK_RULES: tuple[str, ...] = ("first_quarter", "last")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named setting of the loss.
+
+    Attributes:
+        name: the preset's name.
+        weight: lambda, the loss weight in ``L = mean L_diff + lambda * L_disp``.
+        tau: InfoNCE temperature.
+        variant: the :func:`dispersive.dispersive_loss` variant.
+        block_rule: ``"first_quarter"`` (block ``depth // 4``, 1-indexed) or ``"last"``.
+        per_device_batch: the batch each device's loss saw in the source setting.
+        normalize_by_dim: divide squared distances by the feature count.
+        include_diagonal: keep the i == j pairs.
+        note: where the numbers come from.
+    """
+
+    name: str
+    weight: float
+    tau: float
+    variant: str
+    block_rule: str
+    per_device_batch: int
+    normalize_by_dim: bool = True
+    include_diagonal: bool = True
+    note: str = ""
+
+    def block_index(self, depth: int) -> int:
+        """The 0-indexed block the loss is applied to, for a model with ``depth`` blocks.
+
+        ``first_quarter`` is ``depth // 4 - 1`` (block 3 of 12 -> index 2); for ``depth < 4``
+        the first quarter is the first block (index 0).
+        """
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int (number of blocks); got {depth!r}")
+        if self.block_rule == "first_quarter":
+            return max(depth // 4, 1) - 1
+        if self.block_rule == "last":
+            return depth - 1
+        raise ValueError(f"unknown block rule {self.block_rule!r}; valid rules: {BLOCK_RULES}")
+
+    def loss_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for :func:`dispersive.dispersive_loss` (everything but the weight)."""
+        return {
+            "variant": self.variant,
+            "tau": self.tau,
+            "normalize_by_dim": self.normalize_by_dim,
+            "include_diagonal": self.include_diagonal,
+        }
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        name="paper",
+        weight=0.5,
+        tau=0.5,
+        variant="infonce_l2",
+        block_rule="first_quarter",
+        per_device_batch=16,
+        note="paper Sec. 4 defaults (JAX): lambda 0.5, tau 0.5, block 3 of 12 (first quarter); "
+        "loss on each device's batch of 16 (global batch 256)",
+    ),
+    "authors-pytorch": Preset(
+        name="authors-pytorch",
+        weight=0.25,
+        tau=1.0,
+        variant="infonce_l2",
+        block_rule="last",
+        per_device_batch=32,
+        note="authors' public PyTorch code: lambda 0.25, tau 1.0, last block, squared distance "
+        "divided by the feature count; loss on each GPU's batch of 32",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a ValueError lists the valid names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown dispersive preset {name!r}; valid presets: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_block(preset: str | Preset, depth: int, prefix: str = "blocks") -> str:
+    """The module path of the regularised block, e.g. ``"blocks.2"`` for "paper" at depth 12.
+
+    Args:
+        preset: a preset name or a :class:`Preset`.
+        depth: the number of blocks of the model.
+        prefix: the module path of the block list (``"blocks"`` for SiT/DiT).
+
+    Returns:
+        ``f"{prefix}.{index}"`` with the 0-indexed block of the preset's rule.
+    """
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if not isinstance(p, Preset):
+        raise TypeError(f"preset must be a name or a Preset; got {type(preset).__name__}")
+    index = p.block_index(depth)
+    return f"{prefix}.{index}" if prefix else str(index)

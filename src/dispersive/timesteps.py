@@ -1,0 +1,121 @@
+"""Sampling of noise levels: t for flow matching, (t, r) pairs for MeanFlow, integer steps for DDPM.
+
+Time convention (see :mod:`dispersive.paths`): t in [0, 1], t = 0 is data, t = 1 is noise.
+DDPM steps k in {0, ..., num_steps - 1} are noisier with larger k (k / num_steps ~ t).
+
+All randomness comes from the ``generator`` argument (or the global RNG when it is None); a
+generator must live on the same device as the tensors it draws (``device``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["T_DISTS", "sample_t", "sample_t_r", "sample_steps"]
+
+#: Valid names of the t distribution.
+T_DISTS = ("uniform", "logit_normal")
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative int (the batch size); got {n!r}")
+
+
+def sample_t(
+    n: int,
+    *,
+    dist: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw n noise levels t in [0, 1].
+
+    Args:
+        n: number of samples.
+        dist: "uniform" (U[0, 1], SiT) or "logit_normal" (sigmoid(N(mean, std^2)), SD3/MeanFlow).
+        mean: mean of the normal before the sigmoid (logit_normal only).
+        std: standard deviation of the normal before the sigmoid (logit_normal only).
+        generator: source of randomness (on ``device``).
+        device: device of the result.
+        dtype: floating dtype of the result.
+
+    Returns:
+        t: (n,) in [0, 1] (logit_normal lies in the open interval (0, 1) up to rounding).
+    """
+    _check_n(n)
+    if dist == "uniform":
+        return torch.rand(n, generator=generator, device=device, dtype=dtype)
+    if dist == "logit_normal":
+        if not std > 0:
+            raise ValueError(f"std of the logit-normal must be > 0; got {std}")
+        z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+        return torch.sigmoid(mean + std * z)
+    raise ValueError(f"unknown t distribution {dist!r}; valid choices: {list(T_DISTS)}")
+
+
+def sample_t_r(
+    n: int,
+    *,
+    ratio_r_neq_t: float = 0.25,
+    dist: str = "logit_normal",
+    mean: float = -0.4,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Draw MeanFlow time pairs (t, r) with 0 <= r <= t <= 1.
+
+    Two independent draws from ``dist`` are sorted so that r <= t; then a share
+    ``1 - ratio_r_neq_t`` of the samples gets r = t (plain flow matching on those samples).
+    The share is exact: ``round(n * (1 - ratio_r_neq_t))`` samples, at random positions (a
+    random permutation, so the choice is independent of how the batch is ordered).
+
+    Defaults are MeanFlow's ImageNet setting (Geng et al. 2025, Table "configurations"):
+    logit-normal(-0.4, 1.0) for both draws, 25% of pairs with r != t.
+
+    Args:
+        n: number of pairs.
+        ratio_r_neq_t: fraction of pairs with r != t, in [0, 1].
+        dist, mean, std: the distribution of each draw, as in :func:`sample_t`.
+        generator: source of randomness (on ``device``).
+        device: device of the results.
+        dtype: floating dtype of the results.
+
+    Returns:
+        (t, r): two (n,) tensors with r <= t elementwise.
+    """
+    _check_n(n)
+    if not 0.0 <= ratio_r_neq_t <= 1.0:
+        raise ValueError(f"ratio_r_neq_t must be in [0, 1]; got {ratio_r_neq_t}")
+    a = sample_t(n, dist=dist, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
+    b = sample_t(n, dist=dist, mean=mean, std=std, generator=generator, device=device, dtype=dtype)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    num_equal = round(n * (1.0 - ratio_r_neq_t))
+    idx = torch.randperm(n, generator=generator, device=device)[:num_equal]
+    r = r.clone()
+    r[idx] = t[idx]
+    return t, r
+
+
+def sample_steps(
+    n: int,
+    *,
+    num_steps: int = 1000,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw n DDPM steps uniformly from {0, ..., num_steps - 1} (larger k = noisier).
+
+    Returns:
+        k: (n,) long.
+    """
+    _check_n(n)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
+    return torch.randint(0, num_steps, (n,), generator=generator, device=device)

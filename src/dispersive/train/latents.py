@@ -1,0 +1,363 @@
+"""Pre-extracted VAE latents: extraction (sharded, resumable) and the training dataset.
+
+Layout of an output folder written by :func:`extract_latents`::
+
+    OUT_DIR/meta.json            VAE path/ID, scale, image size, latent shape, classes, ...
+    OUT_DIR/shard-00000/         one folder per shard, renamed into place when complete
+        mean.npy  std.npy        float32 (n, C, h, w): the VAE posterior N(mean, std^2), UNSCALED
+        labels.npy index.npy     int64 (n,): class labels and global image indices
+        mean_flip.npy ...        the same for horizontally flipped images (``--hflip``)
+
+Where the scale is applied: shards hold the raw posterior of ``AutoencoderKL.encode``; the
+training dataset (:class:`LatentDataset`) samples ``z = scale * (mean + std * eps)`` with
+``scale = meta["scale"]`` (0.18215 for the Stable Diffusion VAE, as in DiT/SiT), so models see
+roughly unit-variance latents. To decode samples: ``vae.decode(z / scale)``
+(:func:`decode_latents`).
+
+Shards are written into ``shard-XXXXX.tmp/`` and renamed when every file is on disk (fsync),
+so an interrupted extraction leaves no half-written shard; a rerun deletes stale ``.tmp``
+folders and skips finished shards. Every ``.npy`` is read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dispersive.errors import UserError
+
+__all__ = [
+    "SD_VAE_SCALE",
+    "META_NAME",
+    "load_vae",
+    "read_meta",
+    "extract_latents",
+    "LatentDataset",
+    "load_vae_from_meta",
+    "decode_latents",
+]
+
+SD_VAE_SCALE = 0.18215  # Stable Diffusion VAE latent scale (DiT / SiT)
+META_NAME = "meta.json"
+_FORMAT = "dispersive-latents"
+_KEYS = ("mean", "std")
+
+
+def load_vae(path_or_id: str, *, device: str | torch.device = "cpu") -> Any:
+    """Load a diffusers ``AutoencoderKL`` from a local folder or the local Hugging Face cache.
+
+    Never touches the network (``local_files_only=True``).
+
+    Raises:
+        UserError: diffusers is missing, or the VAE is neither a local folder nor cached.
+    """
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError(
+            "extracting latents needs diffusers: pip install 'dispersive[latents]'"
+        ) from None
+    local = Path(path_or_id).expanduser()
+    src = str(local) if local.exists() else path_or_id
+    if local.exists() and not (local / "config.json").is_file():
+        if (local / "vae" / "config.json").is_file():
+            src = str(local / "vae")  # a full Stable Diffusion folder: use its vae/
+        else:
+            raise UserError(
+                f"--vae {path_or_id}: no config.json in that folder; point it at a folder saved "
+                "with AutoencoderKL.save_pretrained (or a diffusers model's vae/ folder)"
+            )
+    try:
+        # low_cpu_mem_usage=False: the default asks for `accelerate` and warns when it is absent.
+        vae = AutoencoderKL.from_pretrained(src, local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise UserError(f"cannot load the VAE from {local}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"VAE '{path_or_id}' is not a local folder and not in the Hugging Face cache (no "
+            f"download is attempted); fetch it by hand, e.g. `huggingface-cli download "
+            f"{path_or_id} --local-dir vae/`, and pass --vae vae/"
+        ) from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def read_meta(path: str | Path) -> dict:
+    """Read ``OUT_DIR/meta.json`` of an extraction (raises UserError with the fix if absent)."""
+    p = Path(path) / META_NAME
+    if not p.is_file():
+        raise UserError(
+            f"no latents in {path} ({META_NAME} missing); create them with "
+            f"`dispersive extract-latents IMAGE_DIR {path} --vae PATH_OR_ID`"
+        )
+    with open(p) as f:
+        meta = json.load(f)
+    if meta.get("format") != _FORMAT:
+        raise UserError(f"{p} is not a {_FORMAT} meta file")
+    return meta
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _save_shard(out_dir: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write one shard into a temporary folder, fsync, then rename it into place."""
+    final = out_dir / _shard_name(k)
+    tmp = out_dir / (_shard_name(k) + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, arr in arrays.items():
+        with open(tmp / f"{name}.npy", "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(out_dir)
+
+
+@torch.no_grad()
+def extract_latents(
+    image_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    vae: str,
+    image_size: int = 256,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    hflip: bool = False,
+    scale: float = SD_VAE_SCALE,
+    device: str = "cpu",
+    num_workers: int = 0,
+    max_shards: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Encode a class-subfolder image folder with a VAE into resumable shards.
+
+    Args:
+        image_dir: ``IMAGE_DIR/<class>/<image>``; images are ADM-centre-cropped to image_size.
+        out_dir: output folder (created); rerunning continues an interrupted extraction.
+        vae: local folder or Hugging Face ID (resolved from the local cache only).
+        image_size: pixel size fed to the VAE (latents are image_size / 8 for the SD VAE).
+        batch_size: images per VAE forward.
+        shard_size: images per shard.
+        hflip: also store the latents of horizontally flipped images (for data.hflip).
+        scale: latent scale recorded in meta.json (applied by the dataset, not stored).
+        device: torch device for the VAE.
+        num_workers: DataLoader workers decoding images.
+        max_shards: stop after writing this many new shards (for tests and partial runs).
+        progress: print one line per shard.
+
+    Returns:
+        ``{"written": [...], "skipped": [...], "num_shards": K, "complete": bool}``.
+
+    Raises:
+        UserError: missing images or VAE, or an OUT_DIR holding a different extraction.
+    """
+    from dispersive.train.data import ImageFolderDataset
+
+    out = Path(out_dir)
+    ds = ImageFolderDataset(image_dir, size=image_size)
+    # The file list identifies the extraction: a rerun on changed images must not mix shards.
+    rel = "\n".join(str(p.relative_to(Path(image_dir))) for p in ds.files)
+    files_sha = hashlib.sha256(rel.encode()).hexdigest()
+    n = len(ds)
+    num_shards = (n + shard_size - 1) // shard_size
+    plan = {
+        "format": _FORMAT,
+        "version": 1,
+        "vae": str(vae),
+        "scale": float(scale),
+        "scale_applied_by": "dataset: z = scale * (mean + std * eps); decode with vae(z / scale)",
+        "image_size": image_size,
+        "num_images": n,
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "hflip": bool(hflip),
+        "classes": ds.classes,
+        "num_classes": ds.num_classes,
+        "files_sha256": files_sha,
+        "source": str(Path(image_dir).resolve()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / META_NAME
+    if meta_path.is_file():
+        old = read_meta(out)
+        keys = ("vae", "scale", "image_size", "num_images", "shard_size", "hflip", "files_sha256")
+        diff = [k for k in keys if old.get(k) != plan[k]]
+        if diff:
+            raise UserError(
+                f"{out} holds latents extracted with different settings ({', '.join(diff)} "
+                "differ); use a new OUT_DIR or delete that one"
+            )
+        plan["latent_shape"] = old.get("latent_shape")
+    for stale in out.glob("shard-*.tmp"):  # left by an interrupted run
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+    todo = [k for k in range(num_shards) if not (out / _shard_name(k)).is_dir()]
+    skipped = [k for k in range(num_shards) if k not in set(todo)]
+    if todo:
+        model = load_vae(vae, device=device)
+    written: list[int] = []
+    for k in todo:
+        if max_shards is not None and len(written) >= max_shards:
+            break
+        idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(ds, idx),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=lambda items: torch.from_numpy(np.stack([it[0] for it in items])),
+        )
+        parts: dict[str, list[np.ndarray]] = {}
+        for x_uint8 in loader:
+            x = (x_uint8.float() / 127.5 - 1.0).to(device)  # (B, 3, H, W) in [-1, 1]
+            views = {"": x, "_flip": x.flip(-1)} if hflip else {"": x}
+            for suffix, v in views.items():
+                dist = model.encode(v).latent_dist
+                parts.setdefault("mean" + suffix, []).append(dist.mean.float().cpu().numpy())
+                parts.setdefault("std" + suffix, []).append(dist.std.float().cpu().numpy())
+        arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+        arrays["labels"] = ds.labels[idx].numpy().astype(np.int64)
+        arrays["index"] = np.asarray(idx, dtype=np.int64)
+        if plan.get("latent_shape") is None:
+            plan["latent_shape"] = list(arrays["mean"].shape[1:])
+        if not written:  # record the plan before the first shard lands
+            _write_json_atomic(meta_path, {**plan, "complete": False})
+        _save_shard(out, k, arrays)
+        written.append(k)
+        if progress:
+            print(f"latents: shard {k + 1}/{num_shards} ({len(idx)} images) -> {out}", flush=True)
+    complete = all((out / _shard_name(k)).is_dir() for k in range(num_shards))
+    if plan.get("latent_shape") is not None:
+        _write_json_atomic(meta_path, {**plan, "complete": complete})
+    return {"written": written, "skipped": skipped, "num_shards": num_shards, "complete": complete}
+
+
+class LatentDataset:
+    """Latents written by :func:`extract_latents`, memory-mapped shard by shard.
+
+    ``get_batch`` samples ``z = scale * (mean + std * eps)`` with ``eps`` from the generator, so a
+    resumed run draws the same latents. With ``hflip`` each sample uses the latents of the
+    flipped image with probability 1/2 (the flip draws come before the eps draws).
+
+    Args:
+        path: the extraction's OUT_DIR.
+        hflip: use the stored flipped latents (needs ``extract-latents --hflip``).
+    """
+
+    def __init__(self, path: str | Path, *, hflip: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        if not self.meta.get("complete"):
+            raise UserError(
+                f"the latents in {path} are incomplete (an extraction was interrupted); rerun "
+                f"the same `dispersive extract-latents ... {path}` command to finish it"
+            )
+        if hflip and not self.meta.get("hflip"):
+            raise UserError(
+                f"data.hflip = true but the latents in {path} have no flipped copies; "
+                "re-extract with `dispersive extract-latents --hflip` or set data.hflip = false"
+            )
+        self.hflip = hflip
+        self.scale = float(self.meta["scale"])
+        self.shard_size = int(self.meta["shard_size"])
+        self.num_classes = int(self.meta["num_classes"])
+        self.image_shape = tuple(int(s) for s in self.meta["latent_shape"])
+        names = ["mean", "std"] + (["mean_flip", "std_flip"] if hflip else [])
+        self._shards: list[dict[str, np.ndarray]] = []
+        labels = []
+        for k in range(int(self.meta["num_shards"])):
+            d = self.path / _shard_name(k)
+            try:
+                shard = {
+                    nm: np.load(d / f"{nm}.npy", mmap_mode="r", allow_pickle=False) for nm in names
+                }
+                labels.append(np.load(d / "labels.npy", allow_pickle=False))
+            except FileNotFoundError as e:
+                raise UserError(
+                    f"latent shard file missing: {e.filename}; rerun extract-latents into {path}"
+                ) from None
+            self._shards.append(shard)
+        self.labels = torch.from_numpy(np.concatenate(labels)).long()
+        if len(self.labels) != int(self.meta["num_images"]):
+            raise UserError(
+                f"{path}: shards hold {len(self.labels)} latents but meta.json says "
+                f"{self.meta['num_images']}; re-extract into a new folder"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(
+        self, indices: np.ndarray | Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sample scaled latents: x float32 (B, C, h, w), y long (B,)."""
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor) else indices)
+        idx = idx.long()
+        b = len(idx)
+        flip = (
+            torch.rand(b, generator=generator) < 0.5 if self.hflip else torch.zeros(b, dtype=bool)
+        )
+        mean = np.empty((b, *self.image_shape), dtype=np.float32)
+        std = np.empty_like(mean)
+        shard_of = (idx // self.shard_size).numpy()
+        local = (idx % self.shard_size).numpy()
+        for k in np.unique(shard_of):
+            rows = np.nonzero(shard_of == k)[0]
+            for f in (False, True) if self.hflip else (False,):
+                sel = rows[flip.numpy()[rows] == f]
+                if len(sel) == 0:
+                    continue
+                sfx = "_flip" if f else ""
+                # Sorted reads are friendlier to the page cache of a memory map.
+                order = np.argsort(local[sel], kind="stable")
+                src = local[sel][order]
+                mean[sel[order]] = self._shards[k]["mean" + sfx][src]
+                std[sel[order]] = self._shards[k]["std" + sfx][src]
+        eps = torch.randn(mean.shape, generator=generator)
+        z = self.scale * (torch.from_numpy(mean) + torch.from_numpy(std) * eps)
+        return z, self.labels[idx]
+
+
+def load_vae_from_meta(latent_dir: str | Path, *, device: str | torch.device = "cpu") -> Any:
+    """The VAE recorded in ``latent_dir/meta.json`` and its scale: ``(vae, scale)``."""
+    meta = read_meta(latent_dir)
+    return load_vae(meta["vae"], device=device), float(meta["scale"])
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, z: Tensor, *, scale: float = SD_VAE_SCALE) -> Tensor:
+    """Decode scaled latents z (B, C, h, w) to images (B, 3, H, W) clamped to [-1, 1]."""
+    return vae.decode(z / scale).sample.clamp(-1, 1)

@@ -1,0 +1,150 @@
+"""Classifier-free guidance: the algebra, the batching, the interval and the channels option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispersive.guidance import cfg, guide
+
+NULL = 5  # the null label of a 5-class model
+
+
+class ToyModel:
+    """A label-dependent nonlinear model that records the batches it sees.
+
+    Each output row depends only on its own row of every input, as for a real network in eval
+    mode, so a batched forward equals separate calls.
+    """
+
+    def __init__(self, out_channels: int = 4):
+        self.out_channels = out_channels
+        self.batches: list[int] = []
+
+    def __call__(self, x, t, *rest):
+        *extra, y = rest
+        self.batches.append(x.shape[0])
+        yy = y.to(x.dtype).reshape(-1, 1, 1)
+        tt = t.reshape(-1, 1, 1)
+        h = extra[0].reshape(-1, 1, 1) if extra else 0.0
+        base = torch.tanh(x.sum(1, keepdim=True)) * (1 + yy) + tt**2 - 0.5 * h * yy
+        scales = torch.arange(1, self.out_channels + 1, dtype=x.dtype).reshape(1, -1, 1)
+        return base * scales + x[:, :1] * yy
+
+
+def _inputs(b: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(b, generator=g, dtype=torch.float64)
+    y = torch.randint(0, NULL, (b,), generator=g)
+    return x, t, y
+
+
+def test_scale_one_is_the_conditional_model_without_doubling():
+    model = ToyModel()
+    x, t, y = _inputs()
+    out = cfg(model, y=y, null_y=NULL, scale=1.0)(x, t)
+    torch.testing.assert_close(out, model(x, t, y))
+    assert model.batches == [6, 6]  # one plain call from cfg, one from the check
+
+
+def test_scale_zero_is_the_unconditional_model():
+    model = ToyModel()
+    x, t, y = _inputs()
+    out = cfg(model, y=y, null_y=NULL, scale=0.0)(x, t)
+    torch.testing.assert_close(out, model(x, t, torch.full_like(y, NULL)))
+
+
+@pytest.mark.parametrize("scale", [1.5, 4.0, -0.5])
+def test_one_batched_forward_equals_two_calls(scale):
+    model = ToyModel()
+    x, t, y = _inputs()
+    out = cfg(model, y=y, null_y=torch.full_like(y, NULL), scale=scale)(x, t)
+    assert model.batches == [12]  # ONE forward on the doubled batch
+    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, NULL))
+    torch.testing.assert_close(out, uncond + scale * (cond - uncond))
+
+
+def test_outside_the_interval_it_is_the_conditional_prediction_in_one_plain_call():
+    model = ToyModel()
+    x, _, y = _inputs()
+    t = torch.full((6,), 0.9, dtype=torch.float64)
+    out = cfg(model, y=y, null_y=NULL, scale=3.0, interval=(0.2, 0.7))(x, t)
+    assert model.batches == [6]
+    torch.testing.assert_close(out, model(x, t, y))
+
+
+def test_mixed_batch_guides_only_the_samples_inside_the_interval():
+    model = ToyModel()
+    x, _, y = _inputs()
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.2], dtype=torch.float64)
+    out = cfg(model, y=y, null_y=NULL, scale=2.0, interval=(0.2, 0.7))(x, t)
+    assert model.batches == [6 + 4]  # the batch plus the unconditional copies of 4 rows
+    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, NULL))
+    inside = (t >= 0.2) & (t <= 0.7)  # closed interval
+    want = torch.where(inside.reshape(-1, 1, 1), uncond + 2.0 * (cond - uncond), cond)
+    torch.testing.assert_close(out, want)
+
+
+def test_channels_option_guides_the_leading_channels_only():
+    model = ToyModel(out_channels=8)
+    x, t, y = _inputs()
+    out = cfg(model, y=y, null_y=NULL, scale=4.0, channels=3)(x, t)
+    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, NULL))
+    torch.testing.assert_close(out[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]))
+    torch.testing.assert_close(out[:, 3:], cond[:, 3:])
+    # None (the default) guides every channel.
+    torch.testing.assert_close(guide(cond, uncond, 4.0), uncond + 4.0 * (cond - uncond))
+
+
+def test_extra_per_sample_arguments_are_doubled_with_x():
+    # MeanFlow: u(z, t, h, y); h must follow its row into the unconditional half.
+    model = ToyModel()
+    x, _, y = _inputs()
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.2], dtype=torch.float64)
+    h = torch.linspace(0.1, 0.6, 6, dtype=torch.float64)
+    out = cfg(model, y=y, null_y=NULL, scale=2.5, interval=(0.25, 1.0))(x, t, h)
+    cond, uncond = model(x, t, h, y), model(x, t, h, torch.full_like(y, NULL))
+    inside = (t >= 0.25).reshape(-1, 1, 1)
+    torch.testing.assert_close(out, torch.where(inside, uncond + 2.5 * (cond - uncond), cond))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    scale=st.floats(-2.0, 8.0, allow_nan=False),
+    lo=st.floats(0.0, 1.0),
+    width=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000),
+    channels=st.one_of(st.none(), st.integers(1, 5)),
+)
+def test_cfg_matches_a_per_sample_oracle(scale, lo, width, seed, channels):
+    model = ToyModel()
+    x, t, y = _inputs(b=5, seed=seed)
+    hi = min(1.0, lo + width)
+    out = cfg(model, y=y, null_y=NULL, scale=scale, interval=(lo, hi), channels=channels)(x, t)
+    for i in range(5):
+        xi, ti = x[i : i + 1], t[i : i + 1]
+        cond = model(xi, ti, y[i : i + 1])
+        if scale != 1.0 and lo <= float(t[i]) <= hi:
+            uncond = model(xi, ti, torch.full((1,), NULL))
+            k = cond.shape[1] if channels is None else channels
+            want = cond.clone()
+            want[:, :k] = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        else:
+            want = cond
+        torch.testing.assert_close(out[i : i + 1], want)
+
+
+def test_bad_arguments_name_the_problem():
+    model = ToyModel()
+    x, t, y = _inputs()
+    with pytest.raises(ValueError, match="lo <= hi"):
+        cfg(model, y=y, null_y=NULL, scale=2.0, interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match=r"y must have shape \(6,\)"):
+        cfg(model, y=y[:3], null_y=NULL, scale=2.0)(x, t)
+    with pytest.raises(TypeError, match="integer class labels"):
+        cfg(model, y=y.float(), null_y=NULL, scale=2.0)(x, t)
+    with pytest.raises(ValueError, match="channels"):
+        cfg(model, y=y, null_y=NULL, scale=2.0, channels=0)

@@ -1,0 +1,64 @@
+"""The package surface: light import, public names, the CLI dispatcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dispersive.cli import COMMANDS, main
+
+HEAVY = ("matplotlib", "torchmetrics", "tensorboard", "diffusers", "torchvision", "scipy")
+
+
+def test_import_is_light():
+    # `import dispersive` must not pull in training, plotting or metrics libraries.
+    code = (
+        "import sys, dispersive; "
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import dispersive loaded heavy modules: {out.stdout}"
+
+
+def test_public_names():
+    import dispersive
+
+    for name in dispersive.__all__:
+        assert hasattr(dispersive, name), name
+
+
+def test_cli_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_cli_unknown_command_names_valid_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and "train" in err
+
+
+def test_every_command_module_has_the_interface():
+    import importlib
+
+    for name, (module_name, _) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, "add_arguments", None)), name
+        assert callable(getattr(module, "run", None)), name
+
+
+def test_python_m_dispersive_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "dispersive", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    import dispersive
+
+    assert out.stdout.strip() == dispersive.__version__

@@ -1,0 +1,201 @@
+"""The training loop in-process: exact resume, the baseline at weight 0, logs, NaN guard, kinds."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dispersive.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from dispersive.errors import UserError
+from dispersive.train.config import config_to_dict, load_config
+from dispersive.train.logging import read_metrics
+from dispersive.train.loop import train
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+# Small and fast whatever tiny.toml holds; every code path (dispersive on) still runs.
+BASE = [
+    'model.name="SiT-XS/4"',
+    "model.overrides={depth=2, hidden_size=32, num_heads=2}",
+    'data.name="synthetic"',
+    "data.synthetic_size=64",
+    "train.global_batch=8",
+    "train.log_every=1",
+    "train.ckpt_every=3",
+    "train.keep_last=5",
+    'train.device="cpu"',
+    "dispersive.weight=0.5",
+    'dispersive.layers=["blocks.0"]',
+    "optim.lr=1e-3",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine is shared; one intra-op thread avoids OpenMP oversubscription.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(*extra: str):
+    return load_config(TINY, [*BASE, *extra])
+
+
+def _run(tmp_path: Path, name: str, *extra: str, resume: bool = False) -> Path:
+    run_dir = tmp_path / name
+    train(_cfg(*extra), run_dir=run_dir, resume=resume, progress=False)
+    return run_dir
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for key in ("model",):
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), f"{key}.{n} differs"
+    for n in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][n], b["ema"]["shadow"][n]), f"ema.{n} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+    assert a["data_state"] == b["data_state"]
+    assert torch.equal(a["rng"]["generators"]["noise"], b["rng"]["generators"]["noise"])
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    full = _run(tmp_path, "full", "train.steps=6", "optim.ema_warmup=true")
+    part = _run(tmp_path, "part", "train.steps=3", "optim.ema_warmup=true")
+    assert [s for s, _ in list_checkpoints(part)] == [3]
+    _run(tmp_path, "part", "train.steps=6", "optim.ema_warmup=true", resume=True)
+
+    m_full, m_part = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in m_part] == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    for a, b in zip(m_full, m_part):
+        for k in ("loss", "loss_diff", "loss_disp", "grad_norm", "rep_norm/blocks.1"):
+            assert a[k] == b[k], (a["step"], k)
+    _assert_same_state(load_checkpoint(full), load_checkpoint(part))
+    assert json.loads((part / "done.json").read_text())["steps"] == 6
+    # The resumed run's config.toml holds the overridden value.
+    saved = tomllib.loads((part / "config.toml").read_text())
+    assert saved["train"]["steps"] == 6
+
+
+def test_weight_zero_is_the_baseline_whatever_layer_is_tapped(tmp_path):
+    a = _run(
+        tmp_path, "a", "train.steps=2", "dispersive.weight=0.0", 'dispersive.layers=["blocks.0"]'
+    )
+    b = _run(
+        tmp_path, "b", "train.steps=2", "dispersive.weight=0.0", 'dispersive.layers=["blocks.1"]'
+    )
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    for n in ca["model"]:
+        assert torch.equal(ca["model"][n], cb["model"][n]), n
+    for rec in read_metrics(a):
+        assert rec["loss"] == rec["loss_diff"]  # no dispersive term in the loss
+        # ... but its statistics are still measured, with the floor gap against log B.
+        assert -math.log(8) - 1e-5 <= rec["loss_disp"] <= 1e-6
+        assert rec["floor_gap"] == pytest.approx(rec["loss_disp"] + math.log(8), abs=1e-6)
+    # With the term on, the loss is the weighted sum.
+    c = _run(tmp_path, "c", "train.steps=1")
+    rec = read_metrics(c)[0]
+    assert rec["loss"] == pytest.approx(rec["loss_diff"] + 0.5 * rec["loss_disp"], rel=1e-6)
+
+
+def test_run_directory_and_metrics(tmp_path):
+    run = _run(
+        tmp_path, "r", "train.steps=4", "optim.warmup_steps=4", "dispersive.group_size=4",
+        "train.keep_last=1", "train.ckpt_every=2",
+    )  # fmt: skip
+    cfg = _cfg("train.steps=4", "optim.warmup_steps=4", "dispersive.group_size=4")
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["optim"] == config_to_dict(cfg)["optim"]
+    assert [p.name for _, p in list_checkpoints(run)] == ["ckpt-0000004.pt"]  # keep_last=1
+    assert any((run / "tb").iterdir())
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for key in ("loss_diff", "loss_disp", "floor_gap", "active_frac", "grad_norm",
+                    "steps_per_s", "images_per_s", "data_wait_frac",
+                    "rep_norm/blocks.0", "rep_norm/blocks.1"):  # fmt: skip
+            assert key in r and math.isfinite(r[key]), key
+        # Groups of 4 samples: the floor is -log 4, and the gap is measured against it.
+        assert r["floor_gap"] == pytest.approx(r["loss_disp"] + math.log(4), abs=1e-6)
+        assert r["lr"] == pytest.approx(1e-3 * r["step"] / 4)  # linear warm-up
+        assert r["images_per_s"] == pytest.approx(8 * r["steps_per_s"])
+        assert 0.0 <= r["active_frac"] <= 1.0 and 0.0 <= r["data_wait_frac"] < 1.0
+    done = json.loads((run / "done.json").read_text())
+    assert done["steps"] == 4 and done["final"]["step"] == 4
+
+
+def _poison(monkeypatch, bad_calls):
+    """Make the dataset return NaN images on the given get_batch calls (0-based)."""
+    import dispersive.train.data as data
+
+    real = data.build_dataset
+
+    def build(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        get, calls = ds.get_batch, [0]
+
+        def get_batch(indices, generator=None):
+            x, y = get(indices, generator=generator)
+            calls[0] += 1
+            return (x * float("nan"), y) if (calls[0] - 1) in bad_calls else (x, y)
+
+        ds.get_batch = get_batch
+        return ds
+
+    monkeypatch.setattr(data, "build_dataset", build)
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    _poison(monkeypatch, bad_calls={1})
+    run = _run(tmp_path, "one", "train.steps=3", "train.max_nonfinite=2")
+    records = read_metrics(run)
+    assert [r["nonfinite_skipped"] for r in records] == [0, 1, 1]
+    assert all(math.isfinite(p.float().sum()) for p in load_checkpoint(run)["model"].values())
+
+    _poison(monkeypatch, bad_calls=set(range(100)))
+    with pytest.raises(UserError, match="2 steps in a row had a non-finite loss"):
+        _run(tmp_path, "all", "train.steps=5", "train.max_nonfinite=2")
+    assert latest_checkpoint(tmp_path / "all") is None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ('model.name="DiT-XS/4"', 'objective.kind="ddpm"', 'sample.sampler="ddpm"'),
+        (
+            'model.name="MF-XS/4"', 'objective.kind="meanflow"', 'sample.sampler="meanflow"',
+            'model.overrides={depth=2, hidden_size=32, num_heads=2, attn="math"}',
+        ),
+        ('objective.two_view="restricted"', "dispersive.contrastive=true"),
+    ],
+    ids=["ddpm", "meanflow", "contrastive"],
+)  # fmt: skip
+def test_other_objectives_train(tmp_path, extra):
+    run = _run(tmp_path, "k", "train.steps=2", *extra)
+    records = read_metrics(run)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
+    assert "loss_disp" in records[-1]
+    assert json.loads((run / "done.json").read_text())["steps"] == 2
+
+
+def test_proxy_fid_of_the_ema_model_is_logged_with_its_sampler_spec(tmp_path):
+    run = _run(
+        tmp_path, "fid", "train.steps=2", "model.input_size=28", 'model.overrides={depth=2, '
+        'hidden_size=32, num_heads=2, patch_size=7}', "eval.every=2", "eval.num_samples=8",
+        'sample.sampler="euler"', "sample.steps=2",
+    )  # fmt: skip
+    evals = [r for r in read_metrics(run) if "proxy_fid" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert math.isfinite(evals[0]["proxy_fid"]) and evals[0]["proxy_fid"] > 0
+    assert "proxy" in evals[0]["proxy_fid_note"]
+    assert evals[0]["sampler_spec"]["steps"] == 2
+    with pytest.raises(UserError, match="eval.every = 1"):
+        _run(tmp_path, "bad", "train.steps=1", "eval.every=1")  # 8x8 images: no proxy FID
