@@ -19,8 +19,14 @@ from dispersive.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dispersive.commands.train", "train a model from a TOML config (or --resume RUN_DIR)"),
-    "sample": ("dispersive.commands.sample", "draw samples from a checkpoint (PNG grid, .npz, spec)"),
+    "train": (
+        "dispersive.commands.train",
+        "train a model from a TOML config (or --resume RUN_DIR)",
+    ),
+    "sample": (
+        "dispersive.commands.sample",
+        "draw samples from a checkpoint (PNG grid, .npz, spec)",
+    ),
     "eval": ("dispersive.commands.eval", "FID / IS / KID / precision-recall of a sample file"),
     "diagnose": ("dispersive.commands.diagnose", "representation norm of every block (Fig. 3)"),
     "train-classifier": (
