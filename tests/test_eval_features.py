@@ -147,3 +147,22 @@ def test_proxy_fid_equals_eval_on_the_same_images():
         proxy_fid(torch.zeros(4, 3, 28, 28))
     with pytest.raises(UserError, match="fashion-mnist"):
         proxy_fid(images, features="inception")
+
+
+def test_proxy_accuracy_is_the_classifiers_agreement_with_the_labels():
+    from dispersive.eval.io import from_uint8
+    from dispersive.eval.proxy import proxy_metrics
+
+    try:
+        x, y = _test_set()
+    except (ImportError, UserError, FileNotFoundError) as e:
+        pytest.skip(f"Fashion-MNIST test set unavailable: {e}")
+    images, labels = from_uint8(x[:1000, :, :, None]), torch.as_tensor(y[:1000]).long()
+    right = proxy_metrics(images, labels)
+    wrong = proxy_metrics(images, (labels + 1) % 10)
+    assert right["proxy_acc"] >= 0.88  # the shipped network's test accuracy is above 90%
+    assert wrong["proxy_acc"] <= 0.12
+    assert right["proxy_fid"] == wrong["proxy_fid"]  # labels do not enter the distance
+    assert "proxy_acc" not in proxy_metrics(images)
+    with pytest.raises(ValueError, match="one per image"):
+        proxy_metrics(images, labels[:10])

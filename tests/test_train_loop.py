@@ -188,13 +188,15 @@ def test_other_objectives_train(tmp_path, extra):
 
 def test_proxy_fid_of_the_ema_model_is_logged_with_its_sampler_spec(tmp_path):
     run = _run(
-        tmp_path, "fid", "train.steps=2", "model.input_size=28", 'model.overrides={depth=2, '
+        tmp_path, "fid", "train.steps=3", "model.input_size=28", 'model.overrides={depth=2, '
         'hidden_size=32, num_heads=2, patch_size=7}', "eval.every=2", "eval.num_samples=8",
         'sample.sampler="euler"', "sample.steps=2",
     )  # fmt: skip
     evals = [r for r in read_metrics(run) if "proxy_fid" in r]
-    assert len(evals) == 1 and evals[0]["step"] == 2
+    # Every eval.every steps, and at the last step so that the final number always exists.
+    assert [r["step"] for r in evals] == [2, 3]
     assert math.isfinite(evals[0]["proxy_fid"]) and evals[0]["proxy_fid"] > 0
+    assert 0 <= evals[0]["proxy_acc"] <= 1 and evals[0]["num_samples"] == 8
     assert "proxy" in evals[0]["proxy_fid_note"]
     assert evals[0]["sampler_spec"]["steps"] == 2
     with pytest.raises(UserError, match="eval.every = 1"):

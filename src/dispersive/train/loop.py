@@ -472,7 +472,9 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                     prune_checkpoints(run_dir, tr.keep_last)
 
                 # Proxy FID of the EMA model (rank 0; it must finish within dist_timeout_s).
-                if cfg.eval.every and step % cfg.eval.every == 0 and info.is_main:
+                # Also at the last step, so a run's final number is always measured.
+                eval_now = cfg.eval.every and (step % cfg.eval.every == 0 or step == tr.steps)
+                if eval_now and info.is_main:
                     record = _proxy_fid(cfg, ema.model, step, device)
                     logger.log(record)
                     logger.write(f"step {step}: proxy_fid {record['proxy_fid']:.3f} (proxy)")
@@ -506,25 +508,33 @@ def _all_finite(z: torch.Tensor) -> bool:
 
 
 def _proxy_fid(cfg: Config, ema_model: torch.nn.Module, step: int, device: torch.device) -> dict:
-    """Sample with the EMA weights and score the samples with the proxy FID."""
-    from dispersive.eval.proxy import proxy_fid
+    """Sample with the EMA weights and score the samples with the proxy FID (and accuracy)."""
+    from dispersive.eval.proxy import proxy_metrics
     from dispersive.generate import generate
 
     s = cfg.sample
+    num = cfg.eval.num_samples
+    ncls = int(getattr(ema_model, "num_classes", 0) or 0)
+    labels = torch.arange(num) % ncls if ncls > 0 else None  # class-balanced
+    t0 = time.perf_counter()
     images, spec = generate(
         ema_model,
-        num=cfg.eval.num_samples,
+        num=num,
         sampler=s.sampler,
         steps=s.steps,
         cfg_scale=s.cfg_scale,
         cfg_interval=tuple(s.cfg_interval),
+        labels=labels,
         path=cfg.objective.path,
         generator=torch.Generator(device=device).manual_seed(s.seed),
         device=device,
     )
+    metrics = proxy_metrics(images, labels, features=cfg.eval.features)
     return {
         "step": step,
-        "proxy_fid": float(proxy_fid(images, features=cfg.eval.features)),
+        **metrics,
+        "num_samples": num,
         "proxy_fid_note": PROXY_NOTE,
         "sampler_spec": spec,
+        "eval_seconds": time.perf_counter() - t0,
     }
