@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train the Fashion-MNIST domain feature network",
     ),
     "extract-latents": ("dispersive.commands.extract_latents", "encode an image folder with a VAE"),
+    "experiment": (
+        "dispersive.commands.experiment",
+        "run a grid of runs (resumable) and write its tables, figures and report",
+    ),
 }
 
 

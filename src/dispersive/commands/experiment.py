@@ -1,0 +1,106 @@
+"""``dispersive experiment``: run a grid of training runs and write its tables, figures and report.
+
+    dispersive experiment configs/experiments/fmnist-variants.toml --jobs 2
+    dispersive experiment GRID.toml --dry-run            # resolve and check every run, then stop
+    dispersive experiment GRID.toml --report-only        # rebuild the report from what is there
+    dispersive experiment GRID.toml --set train.steps=200 --outdir /tmp/try   # a quick variant
+
+Finished runs are skipped and interrupted ones resumed, so the same command continues a grid
+across sessions (a larger ``train.steps`` extends finished runs). The report is
+``EXP_DIR/report.md`` (``EXP_DIR = outdir / name``); its path is the last line printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", metavar="GRID", help="grid TOML file (configs/experiments/)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads per run (default: CPUs // jobs)"
+    )
+    p.add_argument("--outdir", default=None, help="parent folder (replaces [experiment] outdir)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run, after the grid's own values (TOML literal)",
+    )
+    p.add_argument("--nproc", type=int, default=None, help="processes per run (torchrun)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="resolve and check every run's config, then stop"
+    )
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    p.add_argument(
+        "--status-every", type=float, default=60.0, help="seconds between progress lines"
+    )
+    p.add_argument("--final-eval-ref", default=None, help="replaces [final_eval] ref")
+    p.add_argument(
+        "--final-eval-inception-weights",
+        default=None,
+        help="replaces [final_eval] inception_weights",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dispersive.experiments.grid import load_grid
+    from dispersive.experiments.runner import check_grid, run_grid, run_status
+
+    grid = load_grid(args.grid, outdir=args.outdir, overrides=args.overrides)
+    if args.nproc is not None:
+        grid = dataclasses.replace(grid, nproc=args.nproc)
+    if grid.final_eval is not None and (args.final_eval_ref or args.final_eval_inception_weights):
+        fe = grid.final_eval
+        grid = dataclasses.replace(
+            grid,
+            final_eval=dataclasses.replace(
+                fe,
+                ref=args.final_eval_ref or fe.ref,
+                inception_weights=args.final_eval_inception_weights or fe.inception_weights,
+            ),
+        )
+    cfgs = check_grid(grid)
+    if args.dry_run:
+        print(f"experiment {grid.name}: {len(grid.runs)} runs in {grid.exp_dir}")
+        for r in grid.runs:
+            cfg = cfgs[r.name]
+            st = run_status(grid, r, cfg.train.steps)
+            d = cfg.dispersive
+            disp = (
+                "off"
+                if d.weight == 0
+                else f"{d.variant} weight {d.weight} tau {d.tau} {list(d.layers)}"
+            )
+            print(
+                f"  {r.name:<34} {st.state:<7} {cfg.model.name} {cfg.train.steps} steps, "
+                f"batch {cfg.train.global_batch}, seed {cfg.train.seed}; dispersive {disp}"
+            )
+        print("# dry run: every config resolved and checked; nothing was run", file=sys.stderr)
+        return 0
+
+    failures = []
+    if not args.report_only:
+        failures = run_grid(
+            grid, jobs=args.jobs, threads=args.threads, status_every=args.status_every
+        )
+    from dispersive.experiments.report import write_report
+
+    argv = sys.argv[1:]
+    command = ["dispersive", *argv] if argv[:1] == ["experiment"] else None
+    report = write_report(grid, cfgs, command=command)
+    if failures:
+        print(f"{len(failures)} run(s) failed:", file=sys.stderr)
+        for r, err in failures:
+            print(f"  {r.name}: {err} (log: {r.run_dir / 'log.txt'})", file=sys.stderr)
+    print(f"report: {report}")
+    return 1 if failures else 0

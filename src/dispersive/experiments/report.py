@@ -1,0 +1,176 @@
+"""The experiment report: ``EXP_DIR/report.md`` with the results table, figures and provenance.
+
+Files written to the experiment folder:
+
+- ``report.md``: what ran (base config, grid, exact command), the results table (mean ± std over
+  seeds, relative and paired change against the baseline), a λ x τ pivot for two-axis grids,
+  the figures, and one row per run; every number with the sampler spec that produced it;
+- ``results.csv`` (per arm) and ``runs.csv`` (per run);
+- ``curves.png`` (metric during training, paper Fig. 2), ``accuracy.png`` (the domain
+  classifier's agreement with the conditioning class), ``norms.png`` (block norms, Fig. 3),
+  ``samples.png`` (one sample grid per arm, Fig. 5).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dispersive.experiments.grid import Grid
+from dispersive.experiments.plots import plot_block_norms, plot_curves, plot_samples
+from dispersive.experiments.results import (
+    RunResult,
+    arm_stats,
+    collect,
+    csv_text,
+    markdown_table,
+    pivot_table,
+    runs_csv_text,
+    spec_text,
+    write_text,
+)
+
+__all__ = ["write_report", "METRIC_LABELS"]
+
+METRIC_LABELS = {"proxy_fid": "proxy FID ↓", "fid": "FID ↓"}
+
+
+def _common_spec(results: list[RunResult]) -> dict[str, Any]:
+    """The sampler spec shared by the runs' metric values (keys that differ are dropped)."""
+    specs = [r.spec for r in results if r.value is not None and r.spec]
+    if not specs:
+        return {}
+    out = dict(specs[0])
+    for s in specs[1:]:
+        for k in list(out):
+            if s.get(k) != out[k]:
+                out.pop(k)
+    return out
+
+
+def _config_summary(cfg: Any) -> str:
+    m, tr, o, s = cfg.model, cfg.train, cfg.optim, cfg.sample
+    ov = f" {dict(m.overrides)}" if m.overrides else ""
+    return (
+        f"{m.name}{ov} on {cfg.data.name} ({m.in_channels}x{m.input_size}x{m.input_size}, "
+        f"{m.num_classes} classes); {cfg.objective.kind} objective ({cfg.objective.path} path, "
+        f"t {cfg.objective.t_dist}); {tr.steps} steps at global batch {tr.global_batch}; AdamW "
+        f"lr {o.lr:g} (warm-up {o.warmup_steps}), EMA {o.ema_decay}"
+        f"{' with warm-up' if o.ema_warmup else ''}; {tr.precision}; sampler {s.sampler} "
+        f"{s.steps} steps, guidance {s.cfg_scale:g}"
+    )
+
+
+def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | None = None) -> Path:
+    """Collect the runs, write tables, figures and ``report.md``; return the report's path."""
+    exp = grid.exp_dir
+    exp.mkdir(parents=True, exist_ok=True)
+    steps = {name: cfg.train.steps for name, cfg in cfgs.items()}
+    results = collect(grid, steps)
+    stats = arm_stats(grid, results)
+    spec = _common_spec(results)
+    label = METRIC_LABELS[grid.metric]
+
+    write_text(exp / "results.csv", csv_text(grid, stats, spec))
+    write_text(exp / "runs.csv", runs_csv_text(grid, results))
+    figs = {
+        "curves": plot_curves(grid, results, exp / "curves.png"),
+        "accuracy": plot_curves(
+            grid,
+            results,
+            exp / "accuracy.png",
+            key="acc_curve",
+            ylabel="class agreement of samples (domain classifier)",
+            log_y=False,
+        ),
+        "norms": plot_block_norms(grid, results, exp / "norms.png"),
+        "samples": plot_samples(grid, results, exp / "samples.png"),
+    }
+
+    first = cfgs[grid.runs[0].name]
+    n_done = sum(r.finished for r in results)
+    cmd = (
+        " ".join(shlex.quote(c) for c in command)
+        if command
+        else f"dispersive experiment {grid.path}"
+    )
+    lines = [f"# {grid.title}", ""]
+    if grid.description:
+        lines += [grid.description.strip(), ""]
+    lines += [
+        f"- Grid: `{grid.path}` ({len(grid.arms)} arms x {len(grid.seeds)} seeds = "
+        f"{len(grid.runs)} runs; {n_done} finished)",
+        f"- Command: `{cmd}`",
+        f"- Base config: `{grid.config}`: {_config_summary(first)}",
+        f"- Common overrides: {', '.join(f'`{k}={v}`' for k, v in grid.common.items()) or 'none'}"
+        + (
+            f"; command line: {', '.join(f'`{o}`' for o in grid.extra_overrides)}"
+            if grid.extra_overrides
+            else ""
+        ),
+        f"- Metric: {label} at the final step, EMA weights; {_metric_note(grid, results)}",
+        f"- Sampler spec of every value: {spec_text(spec) or '(no finished runs yet)'}",
+        "",
+        "## Results",
+        "",
+        f"Mean ± standard deviation over seeds of {label}. Δ vs baseline is the relative change "
+        "of the means (negative = better, as in the paper's tables); paired Δ is the mean ± std "
+        "over shared seeds of (arm − baseline) with the same seed, and how many seeds the arm "
+        "was better. loss_diff and the floor gap (L_disp + log B: 0 = pinned at the floor) are "
+        "the last logged training values, averaged over seeds.",
+        "",
+        markdown_table(grid, stats, metric_label=label),
+        "",
+    ]
+    pivot = pivot_table(grid, stats)
+    if pivot:
+        lines += [
+            f"### {label} by {' x '.join(k.split('.')[-1] for k in grid.axes)}",
+            "",
+            pivot,
+            "",
+        ]
+    captions = {
+        "curves": "Metric during training (mean over seeds, ±1 std band; thin lines: seeds); "
+        "paper Fig. 2.",
+        "accuracy": "Share of samples the domain classifier assigns to their conditioning class.",
+        "norms": "Mean l2 norm of each block's output on the last logged training batch; "
+        "paper Fig. 3.",
+        "samples": "Samples of the first seed of each arm, same noise and labels; paper Fig. 5.",
+    }
+    lines += ["## Figures", ""]
+    for key, p in figs.items():
+        if p is not None:
+            lines += [f"![{key}]({p.name})", "", captions[key], ""]
+    lines += [
+        "## Runs",
+        "",
+        "| run | seed | step | value | class acc. | wall time | folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        acc = r.extra.get("proxy_acc")
+        lines.append(
+            f"| {r.run.arm.name} | {r.run.seed} | {r.step}/{r.steps} | "
+            f"{'–' if r.value is None else f'{r.value:.2f}'} | "
+            f"{'–' if acc is None else f'{100 * acc:.1f}%'} | "
+            f"{'–' if r.wall_time_s is None else f'{r.wall_time_s / 60:.1f} min'} | "
+            f"`{r.run.run_dir}` |"
+        )
+    lines += ["", "Tables as CSV: `results.csv` (per arm), `runs.csv` (per run).", ""]
+    path = exp / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def _metric_note(grid: Grid, results: list[RunResult]) -> str:
+    notes = {r.metric_note for r in results if r.metric_note}
+    if grid.metric == "proxy_fid":
+        base = (
+            "Fréchet distance of the shipped Fashion-MNIST classifier's 128-d features to the "
+            "training-set statistics; not comparable to FID-50K"
+        )
+        return "; ".join(sorted(notes)) or base
+    return "; ".join(sorted(notes)) or "from `dispersive eval`"

@@ -1,0 +1,376 @@
+"""Collect a grid's runs into per-run records and per-arm statistics (the paper's tables).
+
+Per arm and over seeds: mean and sample standard deviation (ddof = 1) of the metric, the
+relative change of the mean against the baseline arm (paper Tables 2-5: ``(m - m_base) /
+m_base``), and the *paired* difference over the seeds both arms share (same seed = same
+initial weights, data order and noise): its mean, standard deviation and the number of seeds
+where the arm is better. Only runs that reached the grid's step budget enter the statistics;
+unfinished runs are listed as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispersive.experiments.grid import Arm, Grid, RunSpec
+
+__all__ = [
+    "RunResult",
+    "ArmStats",
+    "collect",
+    "arm_stats",
+    "markdown_table",
+    "pivot_table",
+    "csv_text",
+    "runs_csv_text",
+    "fmt",
+]
+
+
+@dataclass
+class RunResult:
+    """What one run produced (read from its folder)."""
+
+    run: RunSpec
+    steps: int  # the grid's budget
+    step: int  # steps reached
+    finished: bool
+    value: float | None  # the grid's metric at the final step
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, proxy_fid)
+    acc_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, proxy_acc)
+    final: dict[str, Any] = field(default_factory=dict)  # last logged training record
+    spec: dict[str, Any] = field(default_factory=dict)  # sampler spec of the metric
+    metric_note: str = ""
+    wall_time_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # is/kid/precision/recall, proxy_acc
+
+
+@dataclass
+class ArmStats:
+    arm: Arm
+    values: dict[int, float]  # seed -> metric (finished runs)
+    mean: float | None
+    std: float | None
+    rel_change: float | None  # vs baseline mean, in percent
+    paired_mean: float | None  # mean over shared seeds of (arm - baseline)
+    paired_std: float | None
+    wins: int  # shared seeds where the arm is better (lower)
+    shared: int  # shared seeds with the baseline
+    unfinished: int
+    final_means: dict[str, float]  # mean of selected final training values
+    acc_mean: float | None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
+    """Read every run's metrics.jsonl, done.json and final_eval.json.
+
+    Args:
+        grid: the grid.
+        steps: run name -> the step budget (``train.steps`` of its resolved config).
+    """
+    from dispersive.experiments.runner import FINAL_EVAL_FILE, _read_json
+    from dispersive.train.logging import read_metrics
+
+    out = []
+    for run in grid.runs:
+        recs = read_metrics(run.run_dir)
+        done = _read_json(run.run_dir / "done.json") or {}
+        budget = steps[run.name]
+        reached = int(done.get("steps", max((int(r.get("step", 0)) for r in recs), default=0)))
+        finished = bool(done) and reached >= budget
+        curve = [
+            (int(r["step"]), float(r["proxy_fid"])) for r in recs if _finite(r.get("proxy_fid"))
+        ]
+        accs = [
+            (int(r["step"]), float(r["proxy_acc"])) for r in recs if _finite(r.get("proxy_acc"))
+        ]
+        train_recs = [r for r in recs if "loss_diff" in r]
+        final = train_recs[-1] if train_recs else {}
+        res = RunResult(
+            run,
+            budget,
+            reached,
+            finished,
+            None,
+            curve,
+            accs,
+            final,
+            wall_time_s=done.get("wall_time_s"),
+        )
+        proxy = [r for r in recs if _finite(r.get("proxy_fid"))]
+        if grid.metric == "proxy_fid":
+            if proxy and int(proxy[-1]["step"]) == reached:
+                last = proxy[-1]
+                res.value = float(last["proxy_fid"])
+                res.spec = dict(last.get("sampler_spec") or {})
+                res.spec.setdefault("num", last.get("num_samples"))
+                res.metric_note = str(last.get("proxy_fid_note", ""))
+                if _finite(last.get("proxy_acc")):
+                    res.extra["proxy_acc"] = float(last["proxy_acc"])
+        else:
+            fe = _read_json(run.run_dir / FINAL_EVAL_FILE)
+            if (
+                fe is not None
+                and int(fe.get("checkpoint_step", -1)) == reached
+                and _finite(fe.get("fid"))
+            ):
+                res.value = float(fe["fid"])
+                res.spec = dict(fe.get("sampler_spec") or {})
+                res.metric_note = (
+                    f"{fe.get('features', '')} features, {fe.get('num_samples')} samples"
+                )
+                res.extra = {
+                    k: fe[k] for k in ("is", "kid", "precision", "recall") if _finite(fe.get(k))
+                }
+        out.append(res)
+    return out
+
+
+_FINAL_KEYS = ("loss_diff", "loss_disp", "floor_gap", "active_frac")
+
+
+def arm_stats(grid: Grid, results: list[RunResult]) -> list[ArmStats]:
+    """Per-arm statistics over seeds, in the grid's arm order."""
+    by_arm: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_arm.setdefault(r.run.arm.name, []).append(r)
+
+    def values(name: str) -> dict[int, float]:
+        return {
+            r.run.seed: r.value for r in by_arm.get(name, []) if r.finished and r.value is not None
+        }
+
+    stats = []
+    for arm in grid.arms:
+        ref = arm.baseline or grid.baseline
+        is_ref = ref == arm.name or not ref
+        base = values(ref) if not is_ref else {}
+        base_mean = statistics.fmean(base.values()) if base else None
+        vals = values(arm.name)
+        runs = by_arm.get(arm.name, [])
+        mean = statistics.fmean(vals.values()) if vals else None
+        std = statistics.stdev(vals.values()) if len(vals) > 1 else None
+        rel = None
+        if mean is not None and base_mean:
+            rel = 100.0 * (mean - base_mean) / base_mean
+        shared = sorted(set(vals) & set(base))
+        diffs = [vals[s] - base[s] for s in shared]
+        finals: dict[str, float] = {}
+        for key in _FINAL_KEYS:
+            xs = [r.final[key] for r in runs if r.finished and _finite(r.final.get(key))]
+            if xs:
+                finals[key] = statistics.fmean(xs)
+        accs = [r.extra["proxy_acc"] for r in runs if r.finished and "proxy_acc" in r.extra]
+        stats.append(
+            ArmStats(
+                arm=arm,
+                values=vals,
+                mean=mean,
+                std=std,
+                rel_change=rel,
+                paired_mean=statistics.fmean(diffs) if diffs else None,
+                paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
+                wins=sum(d < 0 for d in diffs),
+                shared=len(shared),
+                unfinished=sum(not r.finished for r in runs),
+                final_means=finals,
+                acc_mean=statistics.fmean(accs) if accs else None,
+            )
+        )
+    return stats
+
+
+def fmt(x: float | None, digits: int = 2, sign: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _settings(arm: Arm, common_keys: set[str]) -> str:
+    items = [f"{k.split('.', 1)[1]}={v}" for k, v in arm.overrides.items()]
+    return ", ".join(items) if items else "(base config)"
+
+
+def markdown_table(grid: Grid, stats: list[ArmStats], *, metric_label: str) -> str:
+    """The results table: one row per arm (mean ± std over seeds, change vs baseline)."""
+    has_acc = any(s.acc_mean is not None for s in stats)
+    head = [
+        "arm",
+        "settings",
+        f"{metric_label} (mean ± std)",
+        "Δ vs baseline",
+        "paired Δ (better/seeds)",
+        "seeds",
+        "loss_diff",
+        "floor gap",
+    ]
+    if has_acc:
+        head.insert(6, "class acc.")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    common = set(grid.common)
+    for s in stats:
+        is_base = s.arm.name == grid.baseline
+        name = f"**{s.arm.name}**" if is_base else s.arm.name
+        value = "–" if s.mean is None else f"{s.mean:.2f} ± {fmt(s.std)}"
+        rel = (
+            "(baseline)" if is_base else ("–" if s.rel_change is None else f"{s.rel_change:+.1f}%")
+        )
+        paired = "–"
+        if s.paired_mean is not None:
+            paired = f"{s.paired_mean:+.2f} ± {fmt(s.paired_std)} ({s.wins}/{s.shared})"
+        seeds = f"{len(s.values)}" + (f" (+{s.unfinished} unfinished)" if s.unfinished else "")
+        row = [
+            name,
+            _settings(s.arm, common),
+            value,
+            rel,
+            paired,
+            seeds,
+            fmt(s.final_means.get("loss_diff"), 4),
+            fmt(s.final_means.get("floor_gap"), 3),
+        ]
+        if has_acc:
+            row.insert(6, "–" if s.acc_mean is None else f"{100 * s.acc_mean:.1f}%")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def pivot_table(grid: Grid, stats: list[ArmStats]) -> str:
+    """For a grid with exactly two axes: rows = first axis, columns = second (paper Table 4)."""
+    if len(grid.axes) != 2:
+        return ""
+    k1, k2 = list(grid.axes)
+    cell: dict[tuple[Any, Any], ArmStats] = {}
+    for s in stats:
+        if k1 in s.arm.overrides and k2 in s.arm.overrides and set(s.arm.overrides) == {k1, k2}:
+            cell[(s.arm.overrides[k1], s.arm.overrides[k2])] = s
+    n1, n2 = k1.split(".")[-1], k2.split(".")[-1]
+    lines = [
+        f"| {n1} \\ {n2} | " + " | ".join(str(v) for v in grid.axes[k2]) + " |",
+        "|---|" + "---|" * len(grid.axes[k2]),
+    ]
+    for v1 in grid.axes[k1]:
+        row = []
+        for v2 in grid.axes[k2]:
+            s = cell.get((v1, v2))
+            if s is None or s.mean is None:
+                row.append("–")
+            else:
+                rel = "" if s.rel_change is None else f" ({s.rel_change:+.1f}%)"
+                row.append(f"{s.mean:.2f} ± {fmt(s.std)}{rel}")
+        lines.append(f"| {v1} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(grid: Grid, stats: list[ArmStats], spec: dict[str, Any]) -> str:
+    """Per-arm results as CSV, each row with the sampler spec that produced the numbers."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "arm",
+            "settings",
+            "metric",
+            "mean",
+            "std",
+            "n",
+            "rel_change_pct",
+            "paired_mean",
+            "paired_std",
+            "paired_better",
+            "paired_n",
+            "class_acc",
+            "loss_diff",
+            "floor_gap",
+            "values",
+            "sampler_spec",
+        ]
+    )
+    for s in stats:
+        w.writerow(
+            [
+                s.arm.name,
+                _settings(s.arm, set()),
+                grid.metric,
+                s.mean,
+                s.std,
+                len(s.values),
+                s.rel_change,
+                s.paired_mean,
+                s.paired_std,
+                s.wins,
+                s.shared,
+                s.acc_mean,
+                s.final_means.get("loss_diff"),
+                s.final_means.get("floor_gap"),
+                " ".join(f"s{k}:{v:.4f}" for k, v in sorted(s.values.items())),
+                _spec_text(spec),
+            ]
+        )
+    return buf.getvalue()
+
+
+def runs_csv_text(grid: Grid, results: list[RunResult]) -> str:
+    """One row per run: seed, state, metric, its sampler spec, final training values."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "run",
+            "arm",
+            "seed",
+            "step",
+            "steps",
+            "finished",
+            grid.metric,
+            "class_acc",
+            *_FINAL_KEYS,
+            "wall_time_s",
+            "sampler_spec",
+            "run_dir",
+        ]
+    )
+    for r in results:
+        w.writerow(
+            [
+                r.run.name,
+                r.run.arm.name,
+                r.run.seed,
+                r.step,
+                r.steps,
+                r.finished,
+                r.value,
+                r.extra.get("proxy_acc"),
+                *(r.final.get(k) for k in _FINAL_KEYS),
+                r.wall_time_s,
+                _spec_text(r.spec),
+                str(r.run.run_dir),
+            ]
+        )
+    return buf.getvalue()
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    keys = ("model", "method", "steps", "nfe", "cfg_scale", "cfg_interval", "seed", "num")
+    return "; ".join(f"{k}={spec[k]}" for k in keys if spec.get(k) is not None)
+
+
+def spec_text(spec: dict[str, Any]) -> str:
+    """A one-line sampler spec: ``method=heun; steps=25; nfe=49; cfg_scale=1.0; ...``."""
+    return _spec_text(spec)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

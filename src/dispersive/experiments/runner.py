@@ -1,0 +1,416 @@
+"""Run a grid: every run is a pipeline of ``dispersive`` subprocesses in its own folder.
+
+Per run (``EXP_DIR/runs/<arm>-s<seed>/``, a normal ``dispersive train`` run directory):
+
+1. ``dispersive train`` (or ``--resume`` when the folder holds an interrupted run, or a
+   finished one with fewer steps than the grid now asks for);
+2. ``dispersive sample --num 64`` for the sample grid of the report (``samples/``);
+3. with ``[final_eval]``: ``dispersive sample --num N`` and ``dispersive eval``, whose JSON is
+   kept as ``final_eval.json`` together with the sampler spec.
+
+Each stage is skipped when its output is already there for the run's final step, so re-running
+the grid skips finished runs and resumes interrupted ones; a run killed mid-way loses at most
+the steps since its last checkpoint. Runs execute ``jobs`` at a time, each child limited to
+``cpus // jobs`` threads so that parallel CPU runs do not oversubscribe the cores. A failed run
+is reported with its log file and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispersive.errors import UserError
+from dispersive.experiments.grid import Grid, RunSpec, resolve_run_config, toml_literal
+
+__all__ = [
+    "RunStatus",
+    "run_status",
+    "check_grid",
+    "run_grid",
+    "available_cpus",
+    "LOG_FILE",
+    "FINAL_EVAL_FILE",
+]
+
+LOG_FILE = "log.txt"
+FINAL_EVAL_FILE = "final_eval.json"
+SAMPLES_DIR = "samples"
+FINAL_SAMPLES_DIR = "final_samples"
+GRID_SAMPLES = 64
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Where a run stands: ``state`` in {"new", "resume", "extend", "post", "done"}."""
+
+    state: str
+    step: int  # steps trained so far (latest checkpoint or done.json)
+    steps: int  # steps the grid asks for
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _post_done(grid: Grid, run: RunSpec, step: int) -> bool:
+    spec = _read_json(run.run_dir / SAMPLES_DIR / "spec.json")
+    if spec is None or int(spec.get("checkpoint_step", -1)) != step:
+        return False
+    if grid.final_eval is not None:
+        res = _read_json(run.run_dir / FINAL_EVAL_FILE)
+        if res is None or int(res.get("checkpoint_step", -1)) != step:
+            return False
+    return True
+
+
+def run_status(grid: Grid, run: RunSpec, steps: int) -> RunStatus:
+    """The state of one run on disk, for a grid that asks for ``steps`` training steps."""
+    from dispersive.checkpoint import list_checkpoints
+
+    d = run.run_dir
+    done = _read_json(d / "done.json")
+    ckpts = list_checkpoints(d) if d.is_dir() else []
+    step = max([s for s, _ in ckpts], default=0)
+    if done is not None:
+        step = int(done.get("steps", step))
+        if step < steps:
+            return RunStatus("extend", step, steps)
+        return RunStatus("done" if _post_done(grid, run, step) else "post", step, steps)
+    if (d / "config.toml").is_file():
+        return RunStatus("resume", step, steps)
+    return RunStatus("new", 0, steps)
+
+
+def check_grid(grid: Grid) -> dict[str, object]:
+    """Resolve and check every run's config (meta-device model: no memory, no weights).
+
+    Returns:
+        ``{run name: Config}``.
+
+    Raises:
+        UserError: the first run whose config is wrong, naming the run.
+    """
+    import torch
+
+    from dispersive.models import build
+    from dispersive.train.config import model_kwargs, validate
+
+    cfgs: dict[str, object] = {}
+    models: dict[str, object] = {}
+    for run in grid.runs:
+        cfg = resolve_run_config(grid, run)
+        key = json.dumps(model_kwargs(cfg.model), sort_keys=True, default=str)
+        if key not in models:
+            with torch.device("meta"):
+                models[key] = build(**model_kwargs(cfg.model))
+        try:
+            validate(cfg, world_size=grid.nproc, model=models[key])
+        except UserError as e:
+            raise UserError(f"run {run.name} of {grid.path.name}: {e}") from None
+        cfgs[run.name] = cfg
+    fe = grid.final_eval
+    if fe is not None and fe.features == "inception" and not fe.inception_weights:
+        raise UserError(
+            f"[final_eval] of {grid.path.name} uses features = 'inception' but gives no "
+            'inception_weights = "<local pt_inception-2015-12-05-6726825d.pth>"'
+        )
+    return cfgs
+
+
+def _check_eval_files(grid: Grid) -> None:
+    """Files the final evaluation needs must exist before hours of training start."""
+    fe = grid.final_eval
+    if fe is None:
+        return
+    for what, value in (("ref", fe.ref), ("inception_weights", fe.inception_weights)):
+        if value and not Path(value).exists():
+            raise UserError(
+                f"[final_eval] {what} = {value!r} of {grid.path.name} does not exist; give the "
+                f"local file (set it with --final-eval-{what.replace('_', '-')} PATH)"
+            )
+
+
+class _Procs:
+    """Live child processes, so that an interrupt can stop them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: Sequence[str], *, log: Path, env: dict) -> int:
+        with self._lock:
+            if self.stopping:
+                return 130
+            with open(log, "a") as fh:
+                fh.write(f"\n$ {' '.join(cmd)}\n")
+                fh.flush()
+                proc = subprocess.Popen(
+                    list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def stop(self) -> None:
+        import signal
+
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        for p in procs:  # SIGINT first: the child stops at once (checkpoints are atomic)
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 20
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(var, None)
+    env.pop("MASTER_PORT", None)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _dispersive(nproc: int = 1) -> list[str]:
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    return [sys.executable]
+
+
+def _pipeline(grid: Grid, run: RunSpec, status: RunStatus, procs: _Procs, env: dict) -> str:
+    """Train, sample and evaluate one run as needed. Returns "" or an error message."""
+    d = run.run_dir
+    d.mkdir(parents=True, exist_ok=True)
+    with _locked(d / ".lock"):
+        return _pipeline_locked(grid, run, status, procs, env)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on a run folder: two experiments that share a run take turns."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pipeline_locked(grid: Grid, run: RunSpec, status: RunStatus, procs: _Procs, env: dict) -> str:
+    d = run.run_dir
+    # Another experiment may have advanced this shared run while we waited for the lock.
+    status = run_status(grid, run, status.steps)
+    log = d / LOG_FILE
+    launch = _dispersive(grid.nproc)
+    if status.state in ("new", "resume", "extend"):
+        if status.state == "new":
+            cmd = [
+                *launch,
+                "-m",
+                "dispersive",
+                "train",
+                str(grid.config),
+                "--outdir",
+                str(d.parent),
+            ]
+            sets = [*run.overrides, f"train.run_name={toml_literal(d.name)}"]
+        else:
+            cmd = [*launch, "-m", "dispersive", "train", "--resume", str(d)]
+            sets = list(run.overrides)
+        rc = procs.run([*cmd, "--no-progress", "--set", *sets], log=log, env=env)
+        if rc != 0:
+            return f"training exited with status {rc}"
+    done = _read_json(d / "done.json") or {}
+    step = int(done.get("steps", 0))
+
+    spec = _read_json(d / SAMPLES_DIR / "spec.json")
+    if spec is None or int(spec.get("checkpoint_step", -1)) != step:
+        cmd = [*launch, "-m", "dispersive", "sample", "--ckpt", str(d), "--num-samples"]
+        cmd += [str(GRID_SAMPLES), "--grid", str(GRID_SAMPLES), "--outdir", str(d / SAMPLES_DIR)]
+        rc = procs.run(cmd, log=log, env=env)
+        if rc != 0:
+            return f"sampling exited with status {rc}"
+
+    fe = grid.final_eval
+    if fe is not None:
+        res = _read_json(d / FINAL_EVAL_FILE)
+        if res is None or int(res.get("checkpoint_step", -1)) != step:
+            out = d / FINAL_SAMPLES_DIR
+            cmd = [*launch, "-m", "dispersive", "sample", "--ckpt", str(d), "--num-samples"]
+            cmd += [str(fe.num), "--outdir", str(out), "--batch-size", str(fe.batch_size)]
+            if fe.sampler:
+                cmd += ["--sampler", fe.sampler]
+            if fe.steps > 0:
+                cmd += ["--steps", str(fe.steps)]
+            if fe.cfg_scale >= 0:
+                cmd += ["--cfg-scale", str(fe.cfg_scale)]
+            rc = procs.run(cmd, log=log, env=env)
+            if rc != 0:
+                return f"final-eval sampling exited with status {rc}"
+            ev = [sys.executable, "-m", "dispersive", "eval", "--samples", str(out / "samples.npz")]
+            ev += ["--features", fe.features, "--metrics", *fe.metrics]
+            if fe.ref:
+                ev += ["--ref", fe.ref]
+            if fe.inception_weights:
+                ev += ["--inception-weights", fe.inception_weights]
+            result = subprocess.run(ev, env=env, capture_output=True, text=True)
+            with open(log, "a") as fh:
+                fh.write(f"\n$ {' '.join(ev)}\n{result.stdout}{result.stderr}")
+            lines = result.stdout.strip().splitlines()
+            if result.returncode != 0 or not lines:
+                return f"evaluation exited with status {result.returncode}"
+            metrics = json.loads(lines[-1])
+            sample_spec = _read_json(out / "spec.json") or {}
+            record = {**metrics, "checkpoint_step": step, "sampler_spec": sample_spec}
+            tmp = d / (FINAL_EVAL_FILE + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            tmp.replace(d / FINAL_EVAL_FILE)
+            (out / "samples.npz").unlink(missing_ok=True)  # large; the metrics are kept
+    return ""
+
+
+def _progress_line(run: RunSpec, steps: int) -> str:
+    from dispersive.train.logging import read_metrics
+
+    recs = read_metrics(run.run_dir)
+    step = max((int(r.get("step", 0)) for r in recs), default=0)
+    fids = [r["proxy_fid"] for r in recs if "proxy_fid" in r]
+    losses = [r["loss_diff"] for r in recs if "loss_diff" in r]
+    parts = [f"{run.name} step {step}/{steps}"]
+    if losses:
+        parts.append(f"loss_diff {losses[-1]:.4f}")
+    if fids:
+        parts.append(f"proxy_fid {fids[-1]:.1f}")
+    return " ".join(parts)
+
+
+def run_grid(
+    grid: Grid,
+    *,
+    jobs: int = 1,
+    threads: int = 0,
+    status_every: float = 60.0,
+    echo: Callable[[str], None] = print,
+) -> list[tuple[RunSpec, str]]:
+    """Bring every run of the grid to its final state (train, samples, final evaluation).
+
+    Args:
+        grid: the loaded grid.
+        jobs: runs at a time.
+        threads: torch threads per run (0 = available CPUs // jobs, at least 1).
+        status_every: seconds between progress lines while runs are going.
+        echo: where progress lines go.
+
+    Returns:
+        ``[(run, error message)]`` of the runs that failed (empty when all finished).
+    """
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    cfgs = check_grid(grid)
+    _check_eval_files(grid)
+    threads = threads or max(1, available_cpus() // (jobs * grid.nproc))
+    env = _child_env(threads)
+    statuses = {run.name: run_status(grid, run, cfgs[run.name].train.steps) for run in grid.runs}
+    counts: dict[str, int] = {}
+    for s in statuses.values():
+        counts[s.state] = counts.get(s.state, 0) + 1
+    todo = [r for r in grid.runs if statuses[r.name].state != "done"]
+    states = ", ".join(f"{n} {k}" for k, n in counts.items())
+    echo(
+        f"experiment {grid.name}: {len(grid.runs)} runs ({states}); {jobs} at a time, "
+        f"{threads} thread(s) each; folder {grid.exp_dir}"
+    )
+    failures: list[tuple[RunSpec, str]] = []
+    if not todo:
+        return failures
+    procs = _Procs()
+    started: dict[str, float] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures: dict[Future, RunSpec] = {}
+
+    def task(run: RunSpec) -> str:
+        started[run.name] = time.monotonic()
+        st = statuses[run.name]
+        what = {
+            "new": "start",
+            "resume": f"resume at step {st.step}",
+            "extend": "extend",
+            "post": "sample/evaluate",
+        }[st.state]
+        echo(f"  [{run.name}] {what} ({st.steps} steps); log {run.run_dir / LOG_FILE}")
+        try:
+            return _pipeline(grid, run, st, procs, env)
+        except Exception as e:  # keep the other runs going; the message names the run
+            return f"{type(e).__name__}: {e}"
+
+    try:
+        for run in todo:
+            futures[pool.submit(task, run)] = run
+        pending = set(futures)
+        last_status = time.monotonic()
+        finished = len(grid.runs) - len(todo)
+        while pending:
+            done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                run = futures[f]
+                err = f.result()
+                finished += 1
+                took = time.monotonic() - started.get(run.name, time.monotonic())
+                if err:
+                    failures.append((run, err))
+                    echo(f"  [{run.name}] FAILED: {err}; see {run.run_dir / LOG_FILE}")
+                else:
+                    line = _progress_line(run, cfgs[run.name].train.steps)
+                    echo(
+                        f"  [{run.name}] finished in {took:.0f} s "
+                        f"({finished}/{len(grid.runs)}): {line}"
+                    )
+            if pending and time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
+                running = [futures[f] for f in pending if futures[f].name in started]
+                for run in running:
+                    echo(f"  ... {_progress_line(run, cfgs[run.name].train.steps)}")
+    except KeyboardInterrupt:
+        echo("interrupted: stopping the runs (each keeps its last checkpoint; rerun to resume)")
+        procs.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return failures
