@@ -276,7 +276,9 @@ def test_experiment_cli_runs_resumes_extends_and_reports(tmp_path):
     rows = (exp / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[2].startswith("dispersive,")
     for run in ("baseline-s0", "baseline-s1", "dispersive-s0", "dispersive-s1"):
-        recs = [json.loads(x) for x in (exp / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        recs = [
+            json.loads(x) for x in (exp / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        ]
         fids = [r for r in recs if "proxy_fid" in r]
         assert fids and fids[-1]["step"] == 2 and math.isfinite(fids[-1]["proxy_fid"])
     # Seeds differ, arms with the same seed start from the same weights and data.

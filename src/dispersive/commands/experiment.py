@@ -59,16 +59,16 @@ def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, outdir=args.outdir, overrides=args.overrides)
     if args.nproc is not None:
         grid = dataclasses.replace(grid, nproc=args.nproc)
-    if grid.final_eval is not None and (args.final_eval_ref or args.final_eval_inception_weights):
-        fe = grid.final_eval
-        grid = dataclasses.replace(
-            grid,
-            final_eval=dataclasses.replace(
+    if args.final_eval_ref or args.final_eval_inception_weights:
+        evals = tuple(
+            dataclasses.replace(
                 fe,
                 ref=args.final_eval_ref or fe.ref,
                 inception_weights=args.final_eval_inception_weights or fe.inception_weights,
-            ),
+            )
+            for fe in grid.final_evals
         )
+        grid = dataclasses.replace(grid, final_evals=evals)
     cfgs = check_grid(grid)
     if args.dry_run:
         print(f"experiment {grid.name}: {len(grid.runs)} runs in {grid.exp_dir}")
@@ -82,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
                 else f"{d.variant} weight {d.weight} tau {d.tau} {list(d.layers)}"
             )
             print(
-                f"  {r.name:<34} {st.state:<7} {cfg.model.name} {cfg.train.steps} steps, "
-                f"batch {cfg.train.global_batch}, seed {cfg.train.seed}; dispersive {disp}"
+                f"  {r.arm.name} (seed {r.seed}): {st.state}, {cfg.model.name}, "
+                f"{cfg.train.steps} steps, batch {cfg.train.global_batch}; dispersive {disp}; "
+                f"folder {r.run_dir}"
             )
         print("# dry run: every config resolved and checked; nothing was run", file=sys.stderr)
         return 0

@@ -26,7 +26,8 @@ A grid file::
     "dispersive.weight" = [0.25, 0.5] # every point is one more arm ("weight=0.25 tau=0.5")
     "dispersive.tau" = [0.5, 1.0]
 
-    [final_eval]                      # optional: sample and evaluate every finished run
+    [[final_eval]]                    # optional: sample and evaluate every finished run;
+    name = "ODE"                      # one table or several (CFG / no CFG, ODE / SDE, ...)
     num = 50000
     features = "inception"
     ref = "VIRTUAL_imagenet256_labeled.npz"
@@ -85,6 +86,7 @@ _EXPERIMENT_KEYS = {
     "nproc": int,
 }
 _FINAL_EVAL_KEYS = {
+    "name": str,
     "num": int,
     "sampler": str,
     "steps": int,
@@ -94,6 +96,7 @@ _FINAL_EVAL_KEYS = {
     "inception_weights": str,
     "batch_size": int,
     "metrics": list,
+    "seed": int,
 }
 _TOP_KEYS = ("experiment", "set", "arm", "axes", "final_eval")
 
@@ -133,10 +136,12 @@ class Arm:
 class FinalEval:
     """Sample ``num`` images from every finished run and evaluate them (``dispersive eval``)."""
 
+    name: str = "final"
     num: int = 10000
     sampler: str = ""  # "" = the run's sample.sampler
     steps: int = 0  # 0 = the run's sample.steps
     cfg_scale: float = -1.0  # < 0 = the run's sample.cfg_scale
+    seed: int = -1  # < 0 = the run's sample.seed
     features: str = "fashion-mnist"
     ref: str = ""  # "" = the shipped Fashion-MNIST statistics
     inception_weights: str = ""
@@ -175,7 +180,7 @@ class Grid:
     common: dict[str, Any]
     arms: tuple[Arm, ...]
     axes: dict[str, list]
-    final_eval: FinalEval | None
+    final_evals: tuple[FinalEval, ...]
     shared_runs: str = ""
     extra_overrides: tuple[str, ...] = ()
     runs: tuple[RunSpec, ...] = field(default=())
@@ -312,15 +317,19 @@ def load_grid(
                 f"arm {a.name!r} of {path}: baseline = {a.baseline!r} is not an arm; arms: {names}"
             )
 
-    final_eval = None
-    if "final_eval" in raw:
-        fe = _check_table(raw["final_eval"], _FINAL_EVAL_KEYS, f"[final_eval] of {path}")
+    fe_raw = raw.get("final_eval", [])
+    fe_list = [fe_raw] if isinstance(fe_raw, Mapping) else list(fe_raw)
+    final_evals = []
+    for i, fe in enumerate(fe_list):
+        fe = _check_table(fe, _FINAL_EVAL_KEYS, f"[[final_eval]] #{i + 1} of {path}")
         if "metrics" in fe:
             fe["metrics"] = tuple(fe["metrics"])
-        final_eval = FinalEval(**fe)
-    if metric == "fid" and final_eval is None:
+        final_evals.append(FinalEval(**fe))
+    fe_names = [fe.name for fe in final_evals]
+    if len(set(map(slug, fe_names))) != len(fe_names):
+        raise UserError(f"[[final_eval]] tables of {path} need distinct names; got {fe_names}")
+    if metric == "fid" and not final_evals:
         raise UserError(f"metric = 'fid' in {path} needs a [final_eval] table (num, features, ...)")
-
     out = Path(outdir) if outdir is not None else Path(exp.get("outdir", "runs/experiments"))
     grid = Grid(
         path=path,
@@ -336,7 +345,7 @@ def load_grid(
         common=common,
         arms=tuple(arms),
         axes=axes,
-        final_eval=final_eval,
+        final_evals=tuple(final_evals),
         shared_runs=exp.get("shared_runs", ""),
         extra_overrides=tuple(overrides),
     )

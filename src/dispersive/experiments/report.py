@@ -18,28 +18,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dispersive.experiments.grid import Grid
+from dispersive.experiments.grid import Grid, toml_literal
 from dispersive.experiments.plots import plot_block_norms, plot_curves, plot_samples
 from dispersive.experiments.results import (
     RunResult,
     arm_stats,
     collect,
     csv_text,
+    fmt,
     markdown_table,
+    metric_key,
     pivot_table,
     runs_csv_text,
     spec_text,
     write_text,
 )
 
-__all__ = ["write_report", "METRIC_LABELS"]
-
-METRIC_LABELS = {"proxy_fid": "proxy FID ↓", "fid": "FID ↓"}
+__all__ = ["write_report"]
 
 
-def _common_spec(results: list[RunResult]) -> dict[str, Any]:
+def _common_spec(results: list[RunResult], spec_name: str) -> dict[str, Any]:
     """The sampler spec shared by the runs' metric values (keys that differ are dropped)."""
-    specs = [r.spec for r in results if r.value is not None and r.spec]
+    specs = [r.specs[spec_name] for r in results if r.specs.get(spec_name)]
     if not specs:
         return {}
     out = dict(specs[0])
@@ -69,9 +69,11 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
     exp.mkdir(parents=True, exist_ok=True)
     steps = {name: cfg.train.steps for name, cfg in cfgs.items()}
     results = collect(grid, steps)
-    stats = arm_stats(grid, results)
-    spec = _common_spec(results)
-    label = METRIC_LABELS[grid.metric]
+    key = metric_key(grid)
+    stats = arm_stats(grid, results, key)
+    spec_name = "proxy" if key == "proxy_fid" else key.split(":", 1)[1]
+    spec = _common_spec(results, spec_name)
+    label = _label(key)
 
     write_text(exp / "results.csv", csv_text(grid, stats, spec))
     write_text(exp / "runs.csv", runs_csv_text(grid, results))
@@ -96,6 +98,7 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         if command
         else f"dispersive experiment {grid.path}"
     )
+    common = ", ".join(f"`{k}={toml_literal(v)}`" for k, v in grid.common.items())
     lines = [f"# {grid.title}", ""]
     if grid.description:
         lines += [grid.description.strip(), ""]
@@ -104,13 +107,13 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         f"{len(grid.runs)} runs; {n_done} finished)",
         f"- Command: `{cmd}`",
         f"- Base config: `{grid.config}`: {_config_summary(first)}",
-        f"- Common overrides: {', '.join(f'`{k}={v}`' for k, v in grid.common.items()) or 'none'}"
+        f"- Common overrides: {common or 'none'}"
         + (
             f"; command line: {', '.join(f'`{o}`' for o in grid.extra_overrides)}"
             if grid.extra_overrides
             else ""
         ),
-        f"- Metric: {label} at the final step, EMA weights; {_metric_note(grid, results)}",
+        f"- Metric: {label} at the final step, EMA weights; {_metric_note(results, spec_name)}",
         f"- Sampler spec of every value: {spec_text(spec) or '(no finished runs yet)'}",
         "",
         "## Results",
@@ -151,10 +154,10 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        acc = r.extra.get("proxy_acc")
+        acc, value = r.values.get("proxy_acc"), r.values.get(key)
         lines.append(
             f"| {r.run.arm.name} | {r.run.seed} | {r.step}/{r.steps} | "
-            f"{'–' if r.value is None else f'{r.value:.2f}'} | "
+            f"{'–' if value is None else f'{value:.2f}'} | "
             f"{'–' if acc is None else f'{100 * acc:.1f}%'} | "
             f"{'–' if r.wall_time_s is None else f'{r.wall_time_s / 60:.1f} min'} | "
             f"`{r.run.run_dir}` |"
@@ -165,12 +168,48 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
     return path
 
 
-def _metric_note(grid: Grid, results: list[RunResult]) -> str:
-    notes = {r.metric_note for r in results if r.metric_note}
-    if grid.metric == "proxy_fid":
-        base = (
-            "Fréchet distance of the shipped Fashion-MNIST classifier's 128-d features to the "
-            "training-set statistics; not comparable to FID-50K"
-        )
-        return "; ".join(sorted(notes)) or base
-    return "; ".join(sorted(notes)) or "from `dispersive eval`"
+_LABELS = {
+    "proxy_fid": "proxy FID ↓",
+    "proxy_acc": "class acc. ↑",
+    "fid": "FID ↓",
+    "is": "IS ↑",
+    "kid": "KID ↓",
+    "precision": "precision ↑",
+    "recall": "recall ↑",
+}
+
+
+def _label(key: str) -> str:
+    name, _, ev = key.partition(":")
+    base = _LABELS[name]
+    return f"{base} ({ev})" if ev else base
+
+
+def _metric_note(results: list[RunResult], spec_name: str) -> str:
+    notes = {r.notes[spec_name] for r in results if r.notes.get(spec_name)}
+    return "; ".join(sorted(notes)) or "(no value yet)"
+
+
+def _other_metrics(grid: Grid, results: list[RunResult], main: str) -> str:
+    """Mean ± std (relative change) per arm of every final-evaluation metric but the main one."""
+    keys = [
+        f"{m}:{fe.name}"
+        for fe in grid.final_evals
+        for m in ("fid", "is", "kid", "precision", "recall")
+    ]
+    keys = [k for k in keys if k != main and any(k in r.values for r in results)]
+    if not keys:
+        return ""
+    cols = {k: {s.arm.name: s for s in arm_stats(grid, results, k)} for k in keys}
+    lines = ["| arm | " + " | ".join(_label(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for arm in grid.arms:
+        cells = []
+        for k in keys:
+            st = cols[k][arm.name]
+            if st.mean is None:
+                cells.append("–")
+                continue
+            rel = "" if st.rel_change is None else f" ({st.rel_change:+.1f}%)"
+            cells.append(f"{st.mean:.4g} ± {fmt(st.std, 3)}{rel}")
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

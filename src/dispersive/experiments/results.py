@@ -30,6 +30,8 @@ __all__ = [
     "csv_text",
     "runs_csv_text",
     "fmt",
+    "metric_key",
+    "spec_text",
 ]
 
 
@@ -41,26 +43,28 @@ class RunResult:
     steps: int  # the grid's budget
     step: int  # steps reached
     finished: bool
-    value: float | None  # the grid's metric at the final step
+    # Metric values at the final step: "proxy_fid", "proxy_acc" (in-training) and, per final
+    # evaluation NAME, "fid:NAME", "is:NAME", "kid:NAME", "precision:NAME", "recall:NAME".
+    values: dict[str, float] = field(default_factory=dict)
+    specs: dict[str, dict] = field(default_factory=dict)  # "proxy" / NAME -> sampler spec
+    notes: dict[str, str] = field(default_factory=dict)  # "proxy" / NAME -> how it was measured
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, proxy_fid)
     acc_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, proxy_acc)
     final: dict[str, Any] = field(default_factory=dict)  # last logged training record
-    spec: dict[str, Any] = field(default_factory=dict)  # sampler spec of the metric
-    metric_note: str = ""
     wall_time_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # is/kid/precision/recall, proxy_acc
 
 
 @dataclass
 class ArmStats:
     arm: Arm
+    key: str  # the metric key these statistics are about
     values: dict[int, float]  # seed -> metric (finished runs)
     mean: float | None
     std: float | None
     rel_change: float | None  # vs baseline mean, in percent
     paired_mean: float | None  # mean over shared seeds of (arm - baseline)
     paired_std: float | None
-    wins: int  # shared seeds where the arm is better (lower)
+    wins: int  # shared seeds where the arm is better
     shared: int  # shared seeds with the baseline
     unfinished: int
     final_means: dict[str, float]  # mean of selected final training values
@@ -71,14 +75,28 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def metric_key(grid: Grid) -> str:
+    """The key of the grid's headline metric in :attr:`RunResult.values`."""
+    if grid.metric == "proxy_fid":
+        return "proxy_fid"
+    return f"fid:{grid.final_evals[0].name}"
+
+
+HIGHER_IS_BETTER = ("is", "proxy_acc", "precision", "recall")
+
+
+def _higher_is_better(key: str) -> bool:
+    return key.split(":")[0] in HIGHER_IS_BETTER
+
+
 def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
-    """Read every run's metrics.jsonl, done.json and final_eval.json.
+    """Read every run's metrics.jsonl, done.json and final evaluations.
 
     Args:
         grid: the grid.
         steps: run name -> the step budget (``train.steps`` of its resolved config).
     """
-    from dispersive.experiments.runner import FINAL_EVAL_FILE, _read_json
+    from dispersive.experiments.runner import _read_json, final_eval_file
     from dispersive.train.logging import read_metrics
 
     out = []
@@ -87,51 +105,36 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
         done = _read_json(run.run_dir / "done.json") or {}
         budget = steps[run.name]
         reached = int(done.get("steps", max((int(r.get("step", 0)) for r in recs), default=0)))
-        finished = bool(done) and reached >= budget
-        curve = [
-            (int(r["step"]), float(r["proxy_fid"])) for r in recs if _finite(r.get("proxy_fid"))
-        ]
-        accs = [
-            (int(r["step"]), float(r["proxy_acc"])) for r in recs if _finite(r.get("proxy_acc"))
+        res = RunResult(run, budget, reached, bool(done) and reached >= budget)
+        res.wall_time_s = done.get("wall_time_s")
+        res.curve = [(int(r["step"]), r["proxy_fid"]) for r in recs if _finite(r.get("proxy_fid"))]
+        res.acc_curve = [
+            (int(r["step"]), r["proxy_acc"]) for r in recs if _finite(r.get("proxy_acc"))
         ]
         train_recs = [r for r in recs if "loss_diff" in r]
-        final = train_recs[-1] if train_recs else {}
-        res = RunResult(
-            run,
-            budget,
-            reached,
-            finished,
-            None,
-            curve,
-            accs,
-            final,
-            wall_time_s=done.get("wall_time_s"),
-        )
+        res.final = train_recs[-1] if train_recs else {}
         proxy = [r for r in recs if _finite(r.get("proxy_fid"))]
-        if grid.metric == "proxy_fid":
-            if proxy and int(proxy[-1]["step"]) == reached:
-                last = proxy[-1]
-                res.value = float(last["proxy_fid"])
-                res.spec = dict(last.get("sampler_spec") or {})
-                res.spec.setdefault("num", last.get("num_samples"))
-                res.metric_note = str(last.get("proxy_fid_note", ""))
-                if _finite(last.get("proxy_acc")):
-                    res.extra["proxy_acc"] = float(last["proxy_acc"])
-        else:
-            fe = _read_json(run.run_dir / FINAL_EVAL_FILE)
-            if (
-                fe is not None
-                and int(fe.get("checkpoint_step", -1)) == reached
-                and _finite(fe.get("fid"))
-            ):
-                res.value = float(fe["fid"])
-                res.spec = dict(fe.get("sampler_spec") or {})
-                res.metric_note = (
-                    f"{fe.get('features', '')} features, {fe.get('num_samples')} samples"
-                )
-                res.extra = {
-                    k: fe[k] for k in ("is", "kid", "precision", "recall") if _finite(fe.get(k))
-                }
+        if proxy and int(proxy[-1]["step"]) == reached:  # measured at the final step
+            last = proxy[-1]
+            res.values["proxy_fid"] = float(last["proxy_fid"])
+            if _finite(last.get("proxy_acc")):
+                res.values["proxy_acc"] = float(last["proxy_acc"])
+            spec = dict(last.get("sampler_spec") or {})
+            spec.setdefault("num", last.get("num_samples"))
+            res.specs["proxy"] = spec
+            res.notes["proxy"] = str(last.get("proxy_fid_note", ""))
+        for fe in grid.final_evals:
+            rec = _read_json(final_eval_file(run.run_dir, fe.name, reached))
+            if rec is None or int(rec.get("checkpoint_step", -1)) != reached:
+                continue
+            for k in ("fid", "is", "kid", "precision", "recall"):
+                if _finite(rec.get(k)):
+                    res.values[f"{k}:{fe.name}"] = float(rec[k])
+            res.specs[fe.name] = dict(rec.get("sampler_spec") or {})
+            res.notes[fe.name] = (
+                f"{rec.get('features', '')} features, {rec.get('num_samples')} samples vs "
+                f"{rec.get('num_ref')} reference"
+            )
         out.append(res)
     return out
 
@@ -139,22 +142,28 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
 _FINAL_KEYS = ("loss_diff", "loss_disp", "floor_gap", "active_frac")
 
 
-def arm_stats(grid: Grid, results: list[RunResult]) -> list[ArmStats]:
-    """Per-arm statistics over seeds, in the grid's arm order."""
+def arm_stats(grid: Grid, results: list[RunResult], key: str | None = None) -> list[ArmStats]:
+    """Per-arm statistics of one metric over seeds, in the grid's arm order.
+
+    Args:
+        grid: the grid.
+        results: from :func:`collect`.
+        key: the metric (default: the grid's headline metric, :func:`metric_key`).
+    """
+    key = key or metric_key(grid)
+    sign = -1.0 if _higher_is_better(key) else 1.0
     by_arm: dict[str, list[RunResult]] = {}
     for r in results:
         by_arm.setdefault(r.run.arm.name, []).append(r)
 
     def values(name: str) -> dict[int, float]:
-        return {
-            r.run.seed: r.value for r in by_arm.get(name, []) if r.finished and r.value is not None
-        }
+        return {r.run.seed: r.values[key] for r in by_arm.get(name, [])
+                if r.finished and key in r.values}  # fmt: skip
 
     stats = []
     for arm in grid.arms:
         ref = arm.baseline or grid.baseline
-        is_ref = ref == arm.name or not ref
-        base = values(ref) if not is_ref else {}
+        base = values(ref) if ref and ref != arm.name else {}
         base_mean = statistics.fmean(base.values()) if base else None
         vals = values(arm.name)
         runs = by_arm.get(arm.name, [])
@@ -166,27 +175,21 @@ def arm_stats(grid: Grid, results: list[RunResult]) -> list[ArmStats]:
         shared = sorted(set(vals) & set(base))
         diffs = [vals[s] - base[s] for s in shared]
         finals: dict[str, float] = {}
-        for key in _FINAL_KEYS:
-            xs = [r.final[key] for r in runs if r.finished and _finite(r.final.get(key))]
+        for k in _FINAL_KEYS:
+            xs = [r.final[k] for r in runs if r.finished and _finite(r.final.get(k))]
             if xs:
-                finals[key] = statistics.fmean(xs)
-        accs = [r.extra["proxy_acc"] for r in runs if r.finished and "proxy_acc" in r.extra]
+                finals[k] = statistics.fmean(xs)
+        accs = [r.values["proxy_acc"] for r in runs if r.finished and "proxy_acc" in r.values]
         stats.append(
             ArmStats(
-                arm=arm,
-                values=vals,
-                mean=mean,
-                std=std,
-                rel_change=rel,
+                arm=arm, key=key, values=vals, mean=mean, std=std, rel_change=rel,
                 paired_mean=statistics.fmean(diffs) if diffs else None,
                 paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
-                wins=sum(d < 0 for d in diffs),
-                shared=len(shared),
-                unfinished=sum(not r.finished for r in runs),
-                final_means=finals,
+                wins=sum(sign * d < 0 for d in diffs), shared=len(shared),
+                unfinished=sum(not r.finished for r in runs), final_means=finals,
                 acc_mean=statistics.fmean(accs) if accs else None,
             )
-        )
+        )  # fmt: skip
     return stats
 
 
@@ -321,42 +324,17 @@ def csv_text(grid: Grid, stats: list[ArmStats], spec: dict[str, Any]) -> str:
 
 
 def runs_csv_text(grid: Grid, results: list[RunResult]) -> str:
-    """One row per run: seed, state, metric, its sampler spec, final training values."""
+    """One row per run: seed, state, every metric, the sampler specs, final training values."""
+    keys = sorted({k for r in results for k in r.values})
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(
-        [
-            "run",
-            "arm",
-            "seed",
-            "step",
-            "steps",
-            "finished",
-            grid.metric,
-            "class_acc",
-            *_FINAL_KEYS,
-            "wall_time_s",
-            "sampler_spec",
-            "run_dir",
-        ]
-    )
+    w.writerow(["run", "arm", "seed", "step", "steps", "finished", *keys, *_FINAL_KEYS,
+                "wall_time_s", "sampler_specs", "run_dir"])  # fmt: skip
     for r in results:
-        w.writerow(
-            [
-                r.run.name,
-                r.run.arm.name,
-                r.run.seed,
-                r.step,
-                r.steps,
-                r.finished,
-                r.value,
-                r.extra.get("proxy_acc"),
-                *(r.final.get(k) for k in _FINAL_KEYS),
-                r.wall_time_s,
-                _spec_text(r.spec),
-                str(r.run.run_dir),
-            ]
-        )
+        specs = " | ".join(f"{n}: {_spec_text(s)}" for n, s in r.specs.items())
+        w.writerow([r.run.name, r.run.arm.name, r.run.seed, r.step, r.steps, r.finished,
+                    *(r.values.get(k) for k in keys), *(r.final.get(k) for k in _FINAL_KEYS),
+                    r.wall_time_s, specs, str(r.run.run_dir)])  # fmt: skip
     return buf.getvalue()
 
 

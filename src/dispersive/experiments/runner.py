@@ -5,8 +5,8 @@ Per run (``EXP_DIR/runs/<arm>-s<seed>/``, a normal ``dispersive train`` run dire
 1. ``dispersive train`` (or ``--resume`` when the folder holds an interrupted run, or a
    finished one with fewer steps than the grid now asks for);
 2. ``dispersive sample --num 64`` for the sample grid of the report (``samples/``);
-3. with ``[final_eval]``: ``dispersive sample --num N`` and ``dispersive eval``, whose JSON is
-   kept as ``final_eval.json`` together with the sampler spec.
+3. per ``[[final_eval]]`` NAME: ``dispersive sample --num N`` and ``dispersive eval``, whose
+   JSON is kept as ``final_eval/<name>-step<step>.json`` together with the sampler spec.
 
 Each stage is skipped when its output is already there for the run's final step, so re-running
 the grid skips finished runs and resumes interrupted ones; a run killed mid-way loses at most
@@ -39,14 +39,21 @@ __all__ = [
     "run_grid",
     "available_cpus",
     "LOG_FILE",
-    "FINAL_EVAL_FILE",
+    "final_eval_file",
 ]
 
 LOG_FILE = "log.txt"
-FINAL_EVAL_FILE = "final_eval.json"
+FINAL_EVAL_DIR = "final_eval"
 SAMPLES_DIR = "samples"
-FINAL_SAMPLES_DIR = "final_samples"
 GRID_SAMPLES = 64
+
+
+def final_eval_file(run_dir: Path, name: str, step: int) -> Path:
+    """Where the final evaluation ``name`` of a run at ``step`` is kept (one file per step, so a
+    run extended to a larger budget keeps its earlier numbers)."""
+    from dispersive.experiments.grid import slug
+
+    return Path(run_dir) / FINAL_EVAL_DIR / f"{slug(name)}-step{step}.json"
 
 
 def available_cpus() -> int:
@@ -77,8 +84,8 @@ def _post_done(grid: Grid, run: RunSpec, step: int) -> bool:
     spec = _read_json(run.run_dir / SAMPLES_DIR / "spec.json")
     if spec is None or int(spec.get("checkpoint_step", -1)) != step:
         return False
-    if grid.final_eval is not None:
-        res = _read_json(run.run_dir / FINAL_EVAL_FILE)
+    for fe in grid.final_evals:
+        res = _read_json(final_eval_file(run.run_dir, fe.name, step))
         if res is None or int(res.get("checkpoint_step", -1)) != step:
             return False
     return True
@@ -129,26 +136,24 @@ def check_grid(grid: Grid) -> dict[str, object]:
         except UserError as e:
             raise UserError(f"run {run.name} of {grid.path.name}: {e}") from None
         cfgs[run.name] = cfg
-    fe = grid.final_eval
-    if fe is not None and fe.features == "inception" and not fe.inception_weights:
-        raise UserError(
-            f"[final_eval] of {grid.path.name} uses features = 'inception' but gives no "
-            'inception_weights = "<local pt_inception-2015-12-05-6726825d.pth>"'
-        )
+    for fe in grid.final_evals:
+        if fe.features == "inception" and not fe.inception_weights:
+            raise UserError(
+                f"[final_eval] {fe.name!r} of {grid.path.name} uses features = 'inception' but "
+                'gives no inception_weights = "<local pt_inception-2015-12-05-6726825d.pth>"'
+            )
     return cfgs
 
 
 def _check_eval_files(grid: Grid) -> None:
     """Files the final evaluation needs must exist before hours of training start."""
-    fe = grid.final_eval
-    if fe is None:
-        return
-    for what, value in (("ref", fe.ref), ("inception_weights", fe.inception_weights)):
-        if value and not Path(value).exists():
-            raise UserError(
-                f"[final_eval] {what} = {value!r} of {grid.path.name} does not exist; give the "
-                f"local file (set it with --final-eval-{what.replace('_', '-')} PATH)"
-            )
+    for fe in grid.final_evals:
+        for what, value in (("ref", fe.ref), ("inception_weights", fe.inception_weights)):
+            if value and not Path(value).exists():
+                raise UserError(
+                    f"[final_eval] {fe.name!r} {what} = {value!r} of {grid.path.name} does not "
+                    f"exist; give the local file (--final-eval-{what.replace('_', '-')} PATH)"
+                )
 
 
 class _Procs:
@@ -268,41 +273,56 @@ def _pipeline_locked(grid: Grid, run: RunSpec, status: RunStatus, procs: _Procs,
         if rc != 0:
             return f"sampling exited with status {rc}"
 
-    fe = grid.final_eval
-    if fe is not None:
-        res = _read_json(d / FINAL_EVAL_FILE)
-        if res is None or int(res.get("checkpoint_step", -1)) != step:
-            out = d / FINAL_SAMPLES_DIR
-            cmd = [*launch, "-m", "dispersive", "sample", "--ckpt", str(d), "--num-samples"]
-            cmd += [str(fe.num), "--outdir", str(out), "--batch-size", str(fe.batch_size)]
-            if fe.sampler:
-                cmd += ["--sampler", fe.sampler]
-            if fe.steps > 0:
-                cmd += ["--steps", str(fe.steps)]
-            if fe.cfg_scale >= 0:
-                cmd += ["--cfg-scale", str(fe.cfg_scale)]
-            rc = procs.run(cmd, log=log, env=env)
-            if rc != 0:
-                return f"final-eval sampling exited with status {rc}"
-            ev = [sys.executable, "-m", "dispersive", "eval", "--samples", str(out / "samples.npz")]
-            ev += ["--features", fe.features, "--metrics", *fe.metrics]
-            if fe.ref:
-                ev += ["--ref", fe.ref]
-            if fe.inception_weights:
-                ev += ["--inception-weights", fe.inception_weights]
-            result = subprocess.run(ev, env=env, capture_output=True, text=True)
-            with open(log, "a") as fh:
-                fh.write(f"\n$ {' '.join(ev)}\n{result.stdout}{result.stderr}")
-            lines = result.stdout.strip().splitlines()
-            if result.returncode != 0 or not lines:
-                return f"evaluation exited with status {result.returncode}"
-            metrics = json.loads(lines[-1])
-            sample_spec = _read_json(out / "spec.json") or {}
-            record = {**metrics, "checkpoint_step": step, "sampler_spec": sample_spec}
-            tmp = d / (FINAL_EVAL_FILE + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(d / FINAL_EVAL_FILE)
-            (out / "samples.npz").unlink(missing_ok=True)  # large; the metrics are kept
+    for fe in grid.final_evals:
+        err = _final_eval(fe, d, step, launch, procs, log, env)
+        if err:
+            return err
+    return ""
+
+
+def _final_eval(fe, d: Path, step: int, launch: list[str], procs: _Procs, log: Path, env) -> str:
+    """Sample ``fe.num`` images and evaluate them; keep the metrics and the sampler spec."""
+    from dispersive.experiments.grid import slug
+
+    result_file = final_eval_file(d, fe.name, step)
+    res = _read_json(result_file)
+    if res is not None and int(res.get("checkpoint_step", -1)) == step:
+        return ""
+    out = d / FINAL_EVAL_DIR / f"{slug(fe.name)}-samples"
+    cmd = [*launch, "-m", "dispersive", "sample", "--ckpt", str(d), "--num-samples", str(fe.num)]
+    cmd += ["--outdir", str(out), "--batch-size", str(fe.batch_size)]
+    if fe.sampler:
+        cmd += ["--sampler", fe.sampler]
+    if fe.steps > 0:
+        cmd += ["--steps", str(fe.steps)]
+    if fe.cfg_scale >= 0:
+        cmd += ["--cfg-scale", str(fe.cfg_scale)]
+    if fe.seed >= 0:
+        cmd += ["--seed", str(fe.seed)]
+    rc = procs.run(cmd, log=log, env=env)
+    if rc != 0:
+        return f"final evaluation {fe.name!r}: sampling exited with status {rc}"
+    ev = [sys.executable, "-m", "dispersive", "eval", "--samples", str(out / "samples.npz")]
+    ev += ["--features", fe.features, "--metrics", *fe.metrics]
+    if fe.ref:
+        ev += ["--ref", fe.ref]
+    if fe.inception_weights:
+        ev += ["--inception-weights", fe.inception_weights]
+    result = subprocess.run(ev, env=env, capture_output=True, text=True)
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(ev)}\n{result.stdout}{result.stderr}")
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return (
+            f"final evaluation {fe.name!r}: dispersive eval exited with status {result.returncode}"
+        )
+    metrics = json.loads(lines[-1])
+    record = {**metrics, "name": fe.name, "checkpoint_step": step,
+              "sampler_spec": _read_json(out / "spec.json") or {}}  # fmt: skip
+    tmp = result_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(result_file)
+    (out / "samples.npz").unlink(missing_ok=True)  # large; the metrics and grid.png are kept
     return ""
 
 
