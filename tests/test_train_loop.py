@@ -201,3 +201,24 @@ def test_proxy_fid_of_the_ema_model_is_logged_with_its_sampler_spec(tmp_path):
     assert evals[0]["sampler_spec"]["steps"] == 2
     with pytest.raises(UserError, match="eval.every = 1"):
         _run(tmp_path, "bad", "train.steps=1", "eval.every=1")  # 8x8 images: no proxy FID
+
+
+def test_grouped_loss_is_the_mean_over_consecutive_groups():
+    from dispersive import losses
+    from dispersive.train.loop import grouped_mean
+
+    z, zp = torch.randn(12, 3, 5, dtype=torch.float64), torch.randn(12, 3, 5, dtype=torch.float64)
+    got = grouped_mean(losses.contrastive_loss, 4, z, zp)
+    want = sum(losses.contrastive_loss(z[i : i + 4], zp[i : i + 4]) for i in (0, 4, 8)) / 3
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        grouped_mean(losses.dispersive_loss, 12, z), losses.dispersive_loss(z)
+    )
+
+
+def test_contrastive_runs_use_the_loss_groups(tmp_path):
+    sets = ('objective.two_view="restricted"', "dispersive.contrastive=true", "train.steps=1")
+    whole = read_metrics(_run(tmp_path, "whole", *sets))[-1]["loss_disp"]
+    grouped = read_metrics(_run(tmp_path, "grouped", *sets, "dispersive.group_size=4"))[-1]
+    # Same weights, data and noise: only the grouping differs (the floor -log 4 vs -log 8).
+    assert math.isfinite(grouped["loss_disp"]) and grouped["loss_disp"] != pytest.approx(whole)

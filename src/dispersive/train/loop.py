@@ -65,7 +65,7 @@ from dispersive.train.distributed import (
 from dispersive.train.ema import EMA
 from dispersive.train.logging import MetricsLogger, truncate_metrics
 
-__all__ = ["train", "step_seed", "PROXY_NOTE"]
+__all__ = ["train", "step_seed", "grouped_mean", "PROXY_NOTE"]
 
 PROXY_NOTE = "proxy FID on domain features; not comparable to FID-50K (Inception, ADM suite)"
 
@@ -244,10 +244,15 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                     return disp_term(z.nan_to_num(0.0, 0.0, 0.0)) * math.nan
                 if disp.scope == "global":
                     return losses.dispersive_loss(z, scope="global", **disp_kw)
-                if group == z.shape[0]:
-                    return losses.dispersive_loss(z, **disp_kw)
-                groups = z.reshape(z.shape[0] // group, group, *z.shape[1:])
-                return torch.stack([losses.dispersive_loss(g, **disp_kw) for g in groups]).mean()
+                return grouped_mean(lambda g: losses.dispersive_loss(g, **disp_kw), group, z)
+
+            def contrastive_term(z: torch.Tensor, z_pos: torch.Tensor) -> torch.Tensor:
+                """The contrastive counterpart, grouped like :func:`disp_term` (Table 2)."""
+                if disp.scope == "global":
+                    return losses.contrastive_loss(z, z_pos, scope="global", **disp_kw)
+                return grouped_mean(
+                    lambda a, b: losses.contrastive_loss(a, b, **disp_kw), group, z, z_pos
+                )
 
             # ---- Logging ---------------------------------------------------------------------
             logger = MetricsLogger(
@@ -348,9 +353,7 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                                     if _all_finite(feats[n])
                                     else feats[n].nan_to_num(0.0, 0.0, 0.0)
                                 )
-                                term = losses.contrastive_loss(
-                                    z[:local_batch], z[local_batch:], scope=disp.scope, **disp_kw
-                                )
+                                term = contrastive_term(z[:local_batch], z[local_batch:])
                                 terms.append(term if z is feats[n] else term * math.nan)
                         else:
                             terms = [disp_term(feats[n]) for n in disp.layers]
@@ -500,6 +503,19 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                 msg = " ".join(str(e).split())
                 print(f"[rank {rank}] training failed: {type(e).__name__}: {msg}", file=sys.stderr)
             raise
+
+
+def grouped_mean(fn, group: int, *zs: torch.Tensor) -> torch.Tensor:
+    """``fn`` on consecutive groups of ``group`` samples of each of ``zs`` (B, ...), averaged.
+
+    The paper's loss sees 16 samples per device; a larger local batch is split into such groups
+    (``dispersive.group_size``) so that the objective does not depend on the device count.
+    """
+    b = zs[0].shape[0]
+    if group == b:
+        return fn(*zs)
+    parts = [z.reshape(b // group, group, *z.shape[1:]) for z in zs]
+    return torch.stack([fn(*g) for g in zip(*parts)]).mean()
 
 
 def _all_finite(z: torch.Tensor) -> bool:
