@@ -1,19 +1,29 @@
 # The two commands a fresh machine needs: `make demo` (the main job) and `make test`.
-.PHONY: setup test lint demo bench
+.PHONY: setup data test lint demo bench study
 
 setup:
 	bash scripts/setup.sh
+
+# Fashion-MNIST from Debian's package dataset-fashion-mnist (installed when missing).
+data:
+	bash scripts/fashion-mnist.sh
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/ruff format --check src tests benchmarks
 
-test: lint
+test: lint data
 	.venv/bin/python -m pytest -q
 
-demo: setup
-	bash scripts/fashion-mnist.sh
-	.venv/bin/dispersive demo
+# Baseline vs Dispersive Loss on Fashion-MNIST (2 CPU cores, under 20 minutes); writes a report.
+demo: setup data
+	.venv/bin/dispersive experiment configs/experiments/fmnist-demo.toml --jobs 2
 
-bench: setup
+bench: setup data
 	.venv/bin/python benchmarks/run_all.py
+
+# The Fashion-MNIST study of docs/results.md (hours on 2 cores; resumable: run it again).
+study: setup data
+	.venv/bin/dispersive experiment configs/experiments/fmnist-variants.toml --jobs 2
+	.venv/bin/dispersive experiment configs/experiments/fmnist-blocks.toml --jobs 2
+	.venv/bin/dispersive experiment configs/experiments/fmnist-lambda-tau.toml --jobs 2

@@ -342,3 +342,28 @@ def test_shared_runs_are_named_by_what_they_train(tmp_path):
             '[[arm]]\nname = "x"\nset = { "dispersive.weight" = 0.5 }\n'
             '[[arm]]\nname = "y"\nset = { "dispersive.weight" = 0.5, "dispersive.tau" = 0.5 }\n',
         )
+
+
+def test_a_run_trained_further_by_another_grid_is_read_at_this_grids_budget(tmp_path):
+    g = load_grid(
+        _grid_file(tmp_path, '[[arm]]\nname = "a"\nset = { "dispersive.weight" = 0.0 }\n'),
+        outdir=tmp_path / "out",
+    )
+    d = g.runs[0].run_dir
+    d.mkdir(parents=True)
+    recs = [
+        {"step": 4, "loss_diff": 0.4},
+        {"step": 4, "proxy_fid": 50.0},
+        {"step": 8, "loss_diff": 0.2},
+        {"step": 8, "proxy_fid": 30.0},
+    ]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "done.json").write_text(json.dumps({"steps": 8}))
+    (r4,) = collect(g, {g.runs[0].name: 4})
+    assert r4.finished and r4.values["proxy_fid"] == 50.0 and r4.final["loss_diff"] == 0.4
+    assert r4.curve == [(4, 50.0)]
+    (r8,) = collect(g, {g.runs[0].name: 8})
+    assert r8.values["proxy_fid"] == 30.0 and r8.curve == [(4, 50.0), (8, 30.0)]
+    (r6,) = collect(g, {g.runs[0].name: 6})  # no measurement at the budget: no value
+    assert r6.finished and "proxy_fid" not in r6.values
+    assert run_status(g, g.runs[0], 4).state == "post"  # trained enough; needs its sample grid

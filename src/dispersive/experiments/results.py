@@ -101,12 +101,14 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
 
     out = []
     for run in grid.runs:
+        budget = steps[run.name]
         recs = read_metrics(run.run_dir)
         done = _read_json(run.run_dir / "done.json") or {}
-        budget = steps[run.name]
         reached = int(done.get("steps", max((int(r.get("step", 0)) for r in recs), default=0)))
         res = RunResult(run, budget, reached, bool(done) and reached >= budget)
         res.wall_time_s = done.get("wall_time_s")
+        # A run that another grid trained further is read at this grid's budget.
+        recs = [r for r in recs if int(r.get("step", 0)) <= budget]
         res.curve = [(int(r["step"]), r["proxy_fid"]) for r in recs if _finite(r.get("proxy_fid"))]
         res.acc_curve = [
             (int(r["step"]), r["proxy_acc"]) for r in recs if _finite(r.get("proxy_acc"))
@@ -114,7 +116,7 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
         train_recs = [r for r in recs if "loss_diff" in r]
         res.final = train_recs[-1] if train_recs else {}
         proxy = [r for r in recs if _finite(r.get("proxy_fid"))]
-        if proxy and int(proxy[-1]["step"]) == reached:  # measured at the final step
+        if res.finished and proxy and int(proxy[-1]["step"]) == budget:  # measured at the budget
             last = proxy[-1]
             res.values["proxy_fid"] = float(last["proxy_fid"])
             if _finite(last.get("proxy_acc")):
@@ -124,8 +126,8 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
             res.specs["proxy"] = spec
             res.notes["proxy"] = str(last.get("proxy_fid_note", ""))
         for fe in grid.final_evals:
-            rec = _read_json(final_eval_file(run.run_dir, fe.name, reached))
-            if rec is None or int(rec.get("checkpoint_step", -1)) != reached:
+            rec = _read_json(final_eval_file(run.run_dir, fe.name, budget))
+            if rec is None or int(rec.get("checkpoint_step", -1)) != budget:
                 continue
             for k in ("fid", "is", "kid", "precision", "recall"):
                 if _finite(rec.get(k)):
