@@ -367,3 +367,35 @@ def test_a_run_trained_further_by_another_grid_is_read_at_this_grids_budget(tmp_
     (r6,) = collect(g, {g.runs[0].name: 6})  # no measurement at the budget: no value
     assert r6.finished and "proxy_fid" not in r6.values
     assert run_status(g, g.runs[0], 4).state == "post"  # trained enough; needs its sample grid
+
+
+def test_grids_share_one_queue_and_extend_shared_runs_once(tmp_path):
+    from dispersive.experiments.runner import build_queue
+
+    def grid(name: str, steps: int, arms: str):
+        f = _write(
+            tmp_path / f"{name}.toml",
+            f'[experiment]\nconfig = "{TINY}"\nshared_runs = "pool"\n'
+            f'[set]\n"train.steps" = {steps}\n{arms}',
+        )
+        return load_grid(f, outdir=tmp_path)
+
+    base = '[[arm]]\nname = "baseline"\nset = { "dispersive.weight" = 0.0 }\n'
+    other = '[[arm]]\nname = "l2"\nset = { "dispersive.weight" = 0.5 }\n'
+    short, also, long_ = grid("a", 4, base + other), grid("b", 4, base), grid("c", 8, base)
+    grids = [short, also, long_]
+    cfgs = {g.path: check_grid(g) for g in grids}
+    queue, pending = build_queue(grids, cfgs)
+    # The baseline once at 4 steps, l2 at 4, then the baseline's extension to 8.
+    assert [(g.name, r.arm.name, n) for g, r, n in queue] == [
+        ("a", "baseline", 4), ("a", "l2", 4), ("c", "baseline", 8),
+    ]  # fmt: skip
+    assert pending[short.path] == [0, 1] and pending[also.path] == [0]
+    assert pending[long_.path] == [0, 2]
+    # A finished shared baseline is not queued again for a grid with the same budget.
+    _fake_run(short.runs[0].run_dir, fid=10.0, steps=4, reached=4, done=True)
+    (short.runs[0].run_dir / "samples").mkdir()
+    (short.runs[0].run_dir / "samples" / "spec.json").write_text('{"checkpoint_step": 4}')
+    queue, pending = build_queue(grids, cfgs)
+    assert [(g.name, r.arm.name, n) for g, r, n in queue] == [("a", "l2", 4), ("c", "baseline", 8)]
+    assert pending[also.path] == []

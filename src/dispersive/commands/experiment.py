@@ -1,13 +1,15 @@
 """``dispersive experiment``: run a grid of training runs and write its tables, figures and report.
 
     dispersive experiment configs/experiments/fmnist-variants.toml --jobs 2
+    dispersive experiment A.toml B.toml C.toml --jobs 2  # one queue; shared runs trained once
     dispersive experiment GRID.toml --dry-run            # resolve and check every run, then stop
     dispersive experiment GRID.toml --report-only        # rebuild the report from what is there
     dispersive experiment GRID.toml --set train.steps=200 --outdir /tmp/try   # a quick variant
 
 Finished runs are skipped and interrupted ones resumed, so the same command continues a grid
 across sessions (a larger ``train.steps`` extends finished runs). The report is
-``EXP_DIR/report.md`` (``EXP_DIR = outdir / name``); its path is the last line printed.
+``EXP_DIR/report.md`` (``EXP_DIR = outdir / name``), written as soon as that grid's runs are
+done; the path of the last grid's report is the last line printed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("grid", metavar="GRID", help="grid TOML file (configs/experiments/)")
+    p.add_argument(
+        "grids", nargs="+", metavar="GRID", help="grid TOML file(s) (configs/experiments/)"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads per run (default: CPUs // jobs)"
@@ -50,13 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(path: str, args: argparse.Namespace):
     import dataclasses
 
     from dispersive.experiments.grid import load_grid
-    from dispersive.experiments.runner import check_grid, run_grid, run_status
 
-    grid = load_grid(args.grid, outdir=args.outdir, overrides=args.overrides)
+    grid = load_grid(path, outdir=args.outdir, overrides=args.overrides)
     if args.nproc is not None:
         grid = dataclasses.replace(grid, nproc=args.nproc)
     if args.final_eval_ref or args.final_eval_inception_weights:
@@ -69,39 +72,62 @@ def run(args: argparse.Namespace) -> int:
             for fe in grid.final_evals
         )
         grid = dataclasses.replace(grid, final_evals=evals)
-    cfgs = check_grid(grid)
+    return grid
+
+
+def _dry_run(grid, cfgs) -> None:
+    from dispersive.experiments.runner import run_status
+
+    print(f"experiment {grid.name}: {len(grid.runs)} runs in {grid.exp_dir}")
+    for r in grid.runs:
+        cfg = cfgs[r.name]
+        st = run_status(grid, r, cfg.train.steps)
+        d = cfg.dispersive
+        disp = (
+            "off"
+            if d.weight == 0
+            else f"{d.variant} weight {d.weight} tau {d.tau} {list(d.layers)}"
+        )
+        print(
+            f"  {r.arm.name} (seed {r.seed}): {st.state}, {cfg.model.name}, "
+            f"{cfg.train.steps} steps, batch {cfg.train.global_batch}; dispersive {disp}; "
+            f"folder {r.run_dir}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dispersive.experiments.report import write_report
+    from dispersive.experiments.runner import check_grid, run_grids
+
+    grids = [_load(p, args) for p in args.grids]
+    cfgs = {g.path: check_grid(g) for g in grids}
     if args.dry_run:
-        print(f"experiment {grid.name}: {len(grid.runs)} runs in {grid.exp_dir}")
-        for r in grid.runs:
-            cfg = cfgs[r.name]
-            st = run_status(grid, r, cfg.train.steps)
-            d = cfg.dispersive
-            disp = (
-                "off"
-                if d.weight == 0
-                else f"{d.variant} weight {d.weight} tau {d.tau} {list(d.layers)}"
-            )
-            print(
-                f"  {r.arm.name} (seed {r.seed}): {st.state}, {cfg.model.name}, "
-                f"{cfg.train.steps} steps, batch {cfg.train.global_batch}; dispersive {disp}; "
-                f"folder {r.run_dir}"
-            )
+        for g in grids:
+            _dry_run(g, cfgs[g.path])
         print("# dry run: every config resolved and checked; nothing was run", file=sys.stderr)
         return 0
 
-    failures = []
-    if not args.report_only:
-        failures = run_grid(
-            grid, jobs=args.jobs, threads=args.threads, status_every=args.status_every
-        )
-    from dispersive.experiments.report import write_report
-
     argv = sys.argv[1:]
     command = ["dispersive", *argv] if argv[:1] == ["experiment"] else None
-    report = write_report(grid, cfgs, command=command)
+    reports = {}
+
+    def report(grid) -> None:
+        reports[grid.path] = write_report(grid, cfgs[grid.path], command=command)
+        print(f"report of {grid.name}: {reports[grid.path]}", flush=True)
+
+    failures = []
+    if not args.report_only:
+        failures = run_grids(
+            grids, jobs=args.jobs, threads=args.threads, status_every=args.status_every,
+            on_grid_done=report,
+        )  # fmt: skip
+    for g in grids:  # every report, also of grids with failed runs (those show as missing)
+        if g.path not in reports or failures:
+            report(g)
     if failures:
         print(f"{len(failures)} run(s) failed:", file=sys.stderr)
         for r, err in failures:
-            print(f"  {r.name}: {err} (log: {r.run_dir / 'log.txt'})", file=sys.stderr)
-    print(f"report: {report}")
+            print(f"  {r.arm.name} (seed {r.seed}): {err} (log: {r.run_dir / 'log.txt'})",
+                  file=sys.stderr)  # fmt: skip
+    print(f"report: {reports[grids[-1].path]}")
     return 1 if failures else 0

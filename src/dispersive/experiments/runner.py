@@ -37,6 +37,7 @@ __all__ = [
     "run_status",
     "check_grid",
     "run_grid",
+    "run_grids",
     "available_cpus",
     "LOG_FILE",
     "final_eval_file",
@@ -333,7 +334,7 @@ def _progress_line(run: RunSpec, steps: int) -> str:
     step = max((int(r.get("step", 0)) for r in recs), default=0)
     fids = [r["proxy_fid"] for r in recs if "proxy_fid" in r]
     losses = [r["loss_diff"] for r in recs if "loss_diff" in r]
-    parts = [f"{run.name} step {step}/{steps}"]
+    parts = [f"{run.arm.name} (seed {run.seed}) step {min(step, steps)}/{steps}"]
     if losses:
         parts.append(f"loss_diff {losses[-1]:.4f}")
     if fids:
@@ -341,92 +342,150 @@ def _progress_line(run: RunSpec, steps: int) -> str:
     return " ".join(parts)
 
 
-def run_grid(
-    grid: Grid,
+def build_queue(
+    grids: Sequence[Grid], cfgs: dict, *, echo: Callable[[str], None] = lambda _: None
+) -> tuple[list[tuple[Grid, RunSpec, int]], dict[Path, list[int]]]:
+    """The shared queue of several grids, in order: ``(grid, run, budget)`` per task.
+
+    A run folder is queued when it is not done at its first budget, and queued again only when
+    a later grid asks for more steps (an extension). ``pending_of[grid.path]`` lists the tasks
+    that grid waits for.
+
+    Args:
+        grids: the grids.
+        cfgs: ``{grid.path: {run name: Config}}`` from :func:`check_grid`.
+    """
+    # The queue: (grid, run, budget), one entry per run folder and budget increase.
+    queue: list[tuple[Grid, RunSpec, int]] = []
+    budget_of: dict[Path, int] = {}
+    pending_of: dict[Path, list[int]] = {g.path: [] for g in grids}  # grid -> task indices
+    for g in grids:
+        counts: dict[str, int] = {}
+        for run in g.runs:
+            steps = cfgs[g.path][run.name].train.steps
+            st = run_status(g, run, steps)
+            counts[st.state] = counts.get(st.state, 0) + 1
+            known = budget_of.get(run.run_dir)
+            if known is None or steps > known:
+                budget_of[run.run_dir] = steps
+                if st.state != "done":
+                    queue.append((g, run, steps))
+            # The grid waits for every task of this folder queued so far.
+            pending_of[g.path] += [
+                i for i, (_, r, _) in enumerate(queue) if r.run_dir == run.run_dir
+            ]
+        dirs = {r.run_dir for r in g.runs}
+        todo = sum(1 for _, r, _ in queue if r.run_dir in dirs)
+        states = ", ".join(f"{n} {k}" for k, n in counts.items())
+        echo(f"experiment {g.name}: {len(g.runs)} runs ({states}), {todo} task(s); {g.exp_dir}")
+    return queue, pending_of
+
+
+def run_grid(grid: Grid, **kwargs) -> list[tuple[RunSpec, str]]:
+    """:func:`run_grids` for one grid."""
+    return run_grids([grid], **kwargs)
+
+
+def run_grids(
+    grids: Sequence[Grid],
     *,
     jobs: int = 1,
     threads: int = 0,
     status_every: float = 60.0,
     echo: Callable[[str], None] = print,
+    on_grid_done: Callable[[Grid], None] | None = None,
 ) -> list[tuple[RunSpec, str]]:
-    """Bring every run of the grid to its final state (train, samples, final evaluation).
+    """Bring every run of the grids to its final state (train, samples, final evaluation).
+
+    The grids share one queue, in order: a run folder that several grids contain (a shared
+    run) is trained once, and again only to extend it when a later grid asks for more steps.
 
     Args:
-        grid: the loaded grid.
+        grids: the loaded grids.
         jobs: runs at a time.
         threads: torch threads per run (0 = available CPUs // jobs, at least 1).
         status_every: seconds between progress lines while runs are going.
         echo: where progress lines go.
+        on_grid_done: called (in this thread) when all runs of a grid have finished, e.g. to
+            write its report while the other grids go on.
 
     Returns:
         ``[(run, error message)]`` of the runs that failed (empty when all finished).
     """
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    cfgs = check_grid(grid)
-    _check_eval_files(grid)
-    threads = threads or max(1, available_cpus() // (jobs * grid.nproc))
+    cfgs = {}
+    for g in grids:
+        cfgs[g.path] = check_grid(g)
+        _check_eval_files(g)
+    nproc = max(g.nproc for g in grids)
+    threads = threads or max(1, available_cpus() // (jobs * nproc))
     env = _child_env(threads)
-    statuses = {run.name: run_status(grid, run, cfgs[run.name].train.steps) for run in grid.runs}
-    counts: dict[str, int] = {}
-    for s in statuses.values():
-        counts[s.state] = counts.get(s.state, 0) + 1
-    todo = [r for r in grid.runs if statuses[r.name].state != "done"]
-    states = ", ".join(f"{n} {k}" for k, n in counts.items())
-    echo(
-        f"experiment {grid.name}: {len(grid.runs)} runs ({states}); {jobs} at a time, "
-        f"{threads} thread(s) each; folder {grid.exp_dir}"
-    )
+
+    queue, pending_of = build_queue(grids, cfgs, echo=echo)
+    echo(f"{len(queue)} task(s), {jobs} at a time, {threads} thread(s) each")
     failures: list[tuple[RunSpec, str]] = []
-    if not todo:
+    reported: set[Path] = set()
+
+    def grids_done(finished: set[int]) -> None:
+        for g in grids:
+            if g.path not in reported and set(pending_of[g.path]) <= finished:
+                reported.add(g.path)
+                if on_grid_done is not None:
+                    on_grid_done(g)
+
+    finished: set[int] = set()
+    grids_done(finished)
+    if not queue:
         return failures
     procs = _Procs()
-    started: dict[str, float] = {}
+    started: dict[int, float] = {}
     pool = ThreadPoolExecutor(max_workers=jobs)
-    futures: dict[Future, RunSpec] = {}
 
-    def task(run: RunSpec) -> str:
-        started[run.name] = time.monotonic()
-        st = statuses[run.name]
-        what = {
-            "new": "start",
-            "resume": f"resume at step {st.step}",
-            "extend": "extend",
-            "post": "sample/evaluate",
-        }[st.state]
-        echo(f"  [{run.name}] {what} ({st.steps} steps); log {run.run_dir / LOG_FILE}")
+    def task(i: int) -> str:
+        g, run, steps = queue[i]
+        started[i] = time.monotonic()
+        st = run_status(g, run, steps)
+        what = {"new": "start", "resume": f"resume at step {st.step}", "extend": "extend",
+                "post": "sample/evaluate", "done": "check"}[st.state]  # fmt: skip
+        echo(f"  [{g.name}: {run.arm.name}, seed {run.seed}] {what} ({steps} steps); "
+             f"log {run.run_dir / LOG_FILE}")  # fmt: skip
         try:
-            return _pipeline(grid, run, st, procs, env)
+            return _pipeline(g, run, st, procs, env)
         except Exception as e:  # keep the other runs going; the message names the run
             return f"{type(e).__name__}: {e}"
 
+    futures: dict[Future, int] = {}
     try:
-        for run in todo:
-            futures[pool.submit(task, run)] = run
+        for i in range(len(queue)):
+            futures[pool.submit(task, i)] = i
         pending = set(futures)
         last_status = time.monotonic()
-        finished = len(grid.runs) - len(todo)
         while pending:
             done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
             for f in done:
-                run = futures[f]
+                i = futures[f]
+                g, run, steps = queue[i]
                 err = f.result()
-                finished += 1
-                took = time.monotonic() - started.get(run.name, time.monotonic())
+                finished.add(i)
+                took = time.monotonic() - started.get(i, time.monotonic())
+                label = f"[{g.name}: {run.arm.name}, seed {run.seed}]"
                 if err:
                     failures.append((run, err))
-                    echo(f"  [{run.name}] FAILED: {err}; see {run.run_dir / LOG_FILE}")
+                    echo(f"  {label} FAILED: {err}; see {run.run_dir / LOG_FILE}")
                 else:
-                    line = _progress_line(run, cfgs[run.name].train.steps)
                     echo(
-                        f"  [{run.name}] finished in {took:.0f} s "
-                        f"({finished}/{len(grid.runs)}): {line}"
+                        f"  {label} finished in {took:.0f} s ({len(finished)}/{len(queue)}): "
+                        f"{_progress_line(run, steps)}"
                     )
+            if done:
+                grids_done(finished)
             if pending and time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
-                running = [futures[f] for f in pending if futures[f].name in started]
-                for run in running:
-                    echo(f"  ... {_progress_line(run, cfgs[run.name].train.steps)}")
+                for f in pending:
+                    i = futures[f]
+                    if i in started:
+                        echo(f"  ... {_progress_line(queue[i][1], queue[i][2])}")
     except KeyboardInterrupt:
         echo("interrupted: stopping the runs (each keeps its last checkpoint; rerun to resume)")
         procs.stop()
