@@ -399,3 +399,39 @@ def test_grids_share_one_queue_and_extend_shared_runs_once(tmp_path):
     queue, pending = build_queue(grids, cfgs)
     assert [(g.name, r.arm.name, n) for g, r, n in queue] == [("a", "l2", 4), ("c", "baseline", 8)]
     assert pending[also.path] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_stopping_an_experiment_stops_its_runs_and_they_resume(tmp_path, sig):
+    import signal
+    import time
+
+    from dispersive.checkpoint import list_checkpoints
+
+    grid = _grid_file(
+        tmp_path,
+        '[set]\n"train.steps" = 100000\n"train.ckpt_every" = 2\n"train.log_every" = 1\n'
+        '[[arm]]\nname = "a"\nset = { "dispersive.weight" = 0.0 }\n',
+        header='name = "stop"',
+    )
+    cmd = [sys.executable, "-m", "dispersive", "experiment", str(grid), "--outdir", str(tmp_path)]
+    # As a shell starts a background job: SIGINT ignored, which the CLI must undo.
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    run_dir = tmp_path / "stop" / "runs" / "a-s0"
+    deadline = time.monotonic() + 120
+    while len(list_checkpoints(run_dir)) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    # No training process is left behind (it runs in a session of its own).
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir.parent) not in ps
+    again = subprocess.run([*cmd, "--dry-run"], env=_env(), capture_output=True, text=True)
+    assert "a (seed 0): resume" in again.stdout

@@ -53,6 +53,24 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _install_signal_handlers() -> None:
+    """Ctrl-C and SIGTERM stop a command cleanly (checkpoints are atomic; runs resume).
+
+    A shell starts background jobs with SIGINT ignored, and SIGTERM would otherwise end the
+    process without unwinding: both become KeyboardInterrupt, so that `dispersive experiment`
+    can stop its child runs and every command exits with status 130.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -71,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"dispersive {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    _install_signal_handlers()
     try:
         return int(module.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as e:

@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
     p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="take the runs in reverse order: a second process on the same grids (other cores, "
+        "another machine on a shared disk) then meets the first in the middle",
+    )
+    p.add_argument(
         "--status-every", type=float, default=60.0, help="seconds between progress lines"
     )
     p.add_argument("--final-eval-ref", default=None, help="replaces [final_eval] ref")
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         failures = run_grids(
             grids, jobs=args.jobs, threads=args.threads, status_every=args.status_every,
-            on_grid_done=report,
+            on_grid_done=report, reverse=args.reverse,
         )  # fmt: skip
     for g in grids:  # every report, also of grids with failed runs (those show as missing)
         if g.path not in reports or failures:

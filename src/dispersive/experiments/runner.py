@@ -394,6 +394,7 @@ def run_grids(
     status_every: float = 60.0,
     echo: Callable[[str], None] = print,
     on_grid_done: Callable[[Grid], None] | None = None,
+    reverse: bool = False,
 ) -> list[tuple[RunSpec, str]]:
     """Bring every run of the grids to its final state (train, samples, final evaluation).
 
@@ -408,6 +409,7 @@ def run_grids(
         echo: where progress lines go.
         on_grid_done: called (in this thread) when all runs of a grid have finished, e.g. to
             write its report while the other grids go on.
+        reverse: work through the queue from its end (for a second process on the same grids).
 
     Returns:
         ``[(run, error message)]`` of the runs that failed (empty when all finished).
@@ -423,6 +425,12 @@ def run_grids(
     env = _child_env(threads)
 
     queue, pending_of = build_queue(grids, cfgs, echo=echo)
+    if reverse:
+        # A second process on the same grids works from the other end; the run locks keep the
+        # two apart, and an extension met first simply trains to the larger budget directly.
+        queue.reverse()
+        n = len(queue)
+        pending_of = {k: [n - 1 - i for i in v] for k, v in pending_of.items()}
     echo(f"{len(queue)} task(s), {jobs} at a time, {threads} thread(s) each")
     failures: list[tuple[RunSpec, str]] = []
     reported: set[Path] = set()
@@ -444,6 +452,8 @@ def run_grids(
 
     def task(i: int) -> str:
         g, run, steps = queue[i]
+        if procs.stopping:
+            return "interrupted"
         started[i] = time.monotonic()
         st = run_status(g, run, steps)
         what = {"new": "start", "resume": f"resume at step {st.step}", "extend": "extend",
@@ -488,8 +498,10 @@ def run_grids(
                         echo(f"  ... {_progress_line(queue[i][1], queue[i][2])}")
     except KeyboardInterrupt:
         echo("interrupted: stopping the runs (each keeps its last checkpoint; rerun to resume)")
+        procs.stopping = True  # first, so that no queued task starts a process
+        pool.shutdown(wait=False, cancel_futures=True)
         procs.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True)
         raise
     pool.shutdown(wait=True)
     return failures
