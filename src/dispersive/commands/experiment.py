@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dispersive.commands import add_set_argument
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -29,14 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, help="torch threads per run (default: CPUs // jobs)"
     )
     p.add_argument("--outdir", default=None, help="parent folder (replaces [experiment] outdir)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key in every run, after the grid's own values (TOML literal)",
+    add_set_argument(
+        p,
+        "override a config key in every run, after the grid's own values (TOML literal)",
     )
     p.add_argument("--nproc", type=int, default=None, help="processes per run (torchrun)")
     p.add_argument(

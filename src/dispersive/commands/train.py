@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from dispersive.commands import add_set_argument
 from dispersive.errors import UserError
 
 __all__ = ["add_arguments", "run", "resolve_run"]
@@ -41,14 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint, with its saved config",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys; VALUE is a TOML literal (train.steps=6, data.path='\"/x\"')",
+    add_set_argument(
+        parser,
+        "override config keys; VALUE is a TOML literal (train.steps=6, data.path='\"/x\"')",
     )
     parser.add_argument("--outdir", metavar="DIR", help="parent folder of the run (train.outdir)")
     parser.add_argument(

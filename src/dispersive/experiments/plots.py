@@ -32,6 +32,16 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _finish(fig, ax, title: str, path: Path) -> Path:
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def _mean_curve(
     curves: list[list[tuple[int, float]]],
 ) -> tuple[list[int], list[float], list[float]]:
@@ -81,13 +91,7 @@ def plot_curves(
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{grid.title}: {ylabel} during training (EMA weights)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, f"{grid.title}: {ylabel} during training (EMA weights)", path)
 
 
 def plot_block_norms(grid: Grid, results: list[RunResult], path: Path) -> Path | None:
@@ -115,13 +119,8 @@ def plot_block_norms(grid: Grid, results: list[RunResult], path: Path) -> Path |
     ax.set_xlabel("block")
     ax.set_ylabel("mean l2 norm of the block output")
     ax.set_yscale("log")
-    ax.set_title(f"{grid.title}: representation norm per block (training batch, last log)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    title = f"{grid.title}: representation norm per block (training batch, last log)"
+    return _finish(fig, ax, title, path)
 
 
 def plot_samples(
