@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 else:
     from .common import DEFAULT_REPORT, REPO, machine_info, write_markdown_section
 
-BENCHMARKS = ("loss", "train_step", "sampling", "train_throughput", "eval_speed")
+BENCHMARKS = ("loss", "train_step", "sampling", "train_throughput", "eval_speed", "cpu_models")
 DEMO_GRID = REPO / "configs" / "experiments" / "fmnist-demo.toml"
 
 
