@@ -13,6 +13,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from _ranks import run_ranks
 from dispersive.errors import UserError
 from dispersive.eval.fid import (
     Statistics,
@@ -253,11 +254,9 @@ def test_metrics_never_sync_across_ranks(tmp_path):
     import json
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_rank_main, (port, str(tmp_path)), 2)
     res = json.loads((tmp_path / "r0.json").read_text())
     assert res["fd"] == pytest.approx(res["want"], rel=1e-9)

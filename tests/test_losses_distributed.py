@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from _ranks import run_ranks
 from dispersive.losses import VARIANTS, contrastive_loss, dispersive_loss
 
 pytestmark = pytest.mark.distributed
@@ -84,10 +84,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     tmp = tmp_path_factory.mktemp("gloo")
-    # fork: the children reuse the imported torch (spawn re-imports it, seconds per process).
-    mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, start_method="fork"
-    )
+    run_ranks(_worker, (str(tmp / "init"), str(tmp)), WORLD)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from _ranks import run_ranks
 from dispersive.objectives import (
     ddpm_loss,
     flow_matching_loss,
@@ -695,8 +696,6 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_meanflow_under_ddp_matches_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
     from dispersive import FeatureTap
 
     # The one-process reference first: it also warms torch.func up before the fork.
@@ -705,13 +704,7 @@ def test_meanflow_under_ddp_matches_one_process(tmp_path):
     # Equal halves: the mean of the two ranks' objectives is the full-batch objective.
     halves = [slice(0, 4), slice(4, 8)]
     sum(_ddp_objective(model, tap, x0[s], noise[s], t[s], r[s]) for s in halves).div(2).backward()
-    # fork: the children reuse the imported torch (spawn re-imports it, seconds per process).
-    mp.start_processes(
-        _ddp_worker,
-        args=(str(tmp_path / "init"), str(tmp_path)),
-        nprocs=DDP_WORLD,
-        start_method="fork",
-    )
+    run_ranks(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)), DDP_WORLD)
     for rank in range(DDP_WORLD):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert bool(out.pop("fused_refused"))

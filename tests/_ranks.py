@@ -1,0 +1,29 @@
+"""Run a test function on several local ranks without ever hanging the suite.
+
+The ranks are spawned, not forked: a fork copies the parent's threads' locks (OpenMP, gloo,
+earlier tests' workers) in whatever state they are, and a child can then wait forever. A rank
+that does not finish within ``timeout`` seconds fails the test, and every rank still alive is
+killed, so neither pytest-timeout nor multiprocessing's exit handler waits on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch.multiprocessing as mp
+
+
+def run_ranks(fn: Callable, args: tuple, nprocs: int, *, timeout: float = 240.0) -> None:
+    """Call ``fn(rank, *args)`` on ``nprocs`` spawned processes and wait for all of them."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{nprocs} ranks of {fn.__name__} did not finish in {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
