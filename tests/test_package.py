@@ -62,3 +62,22 @@ def test_python_m_dispersive_runs():
     import dispersive
 
     assert out.stdout.strip() == dispersive.__version__
+
+
+def test_cli_main_puts_the_callers_signal_handlers_back(tmp_path, capsys):
+    # main() turns SIGINT/SIGTERM into KeyboardInterrupt while a command runs; a program (or
+    # the test suite) that calls main() must get its own handlers back, or a later SIGTERM
+    # raises inside whatever it is doing (multiprocessing's exit handler, for one).
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["train", str(tmp_path / "missing.toml")]) == 2
+        assert "missing.toml" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)

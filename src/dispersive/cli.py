@@ -57,18 +57,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers() -> dict:
     """Ctrl-C and SIGTERM stop a command cleanly (checkpoints are atomic; runs resume).
 
     A shell starts background jobs with SIGINT ignored, and SIGTERM would otherwise end the
     process without unwinding: both become KeyboardInterrupt, so that `dispersive experiment`
-    can stop its child runs and every command exits with status 130.
+    can stop its child runs and every command exits with status 130. Returns the previous
+    handlers, which :func:`main` puts back: a caller of ``main()`` keeps its own.
     """
     import signal
 
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if previous[signal.SIGINT] is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"dispersive {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    _install_signal_handlers()
+    import signal
+
+    previous = _install_signal_handlers()
     try:
         return int(module.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as e:
@@ -101,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
