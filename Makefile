@@ -26,5 +26,6 @@ bench: setup data
 # once (hours on 2 cores; resumable: run it again to continue).
 study: setup data
 	.venv/bin/dispersive experiment configs/experiments/fmnist-variants.toml \
-	  configs/experiments/fmnist-long.toml configs/experiments/fmnist-lambda-tau.toml \
-	  configs/experiments/fmnist-blocks.toml --jobs 2
+	  configs/experiments/fmnist-contrastive.toml configs/experiments/fmnist-lambda-tau.toml \
+	  configs/experiments/fmnist-blocks.toml configs/experiments/fmnist-long.toml \
+	  --jobs 2 --threads 1

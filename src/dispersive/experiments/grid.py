@@ -376,8 +376,9 @@ def run_hash(cfg) -> str:
 
 def _expand(grid: Grid) -> list[RunSpec]:
     runs = []
-    for arm in grid.arms:
-        for seed in grid.seeds:
+    # Seed-major: a grid stopped part-way has every arm at the same number of seeds.
+    for seed in grid.seeds:
+        for arm in grid.arms:
             items = {**grid.common, **arm.overrides, "train.seed": seed}
             sets = (*[f"{k}={toml_literal(v)}" for k, v in items.items()], *grid.extra_overrides)
             run_dir = grid.exp_dir / "runs" / f"{arm.slug}-s{seed}"
