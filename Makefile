@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` (the main job) and `make test`.
-.PHONY: setup data test lint demo bench study
+.PHONY: setup data test lint demo bench study study-save
 
 setup:
 	bash scripts/setup.sh
@@ -22,10 +22,15 @@ demo: setup data
 bench: setup data
 	.venv/bin/python benchmarks/run_all.py
 
-# The Fashion-MNIST study of docs/results.md: one queue over the four grids, shared runs trained
+# The Fashion-MNIST study of docs/results.md: one queue over five grids, shared runs trained
 # once (hours on 2 cores; resumable: run it again to continue).
 study: setup data
+	bash scripts/study-runs.sh restore
 	.venv/bin/dispersive experiment configs/experiments/fmnist-variants.toml \
 	  configs/experiments/fmnist-contrastive.toml configs/experiments/fmnist-lambda-tau.toml \
 	  configs/experiments/fmnist-blocks.toml configs/experiments/fmnist-long.toml \
 	  --jobs 2 --threads 1
+
+# Keep the study's finished runs (without checkpoints) in results/ for the next machine.
+study-save:
+	bash scripts/study-runs.sh save
