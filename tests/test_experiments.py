@@ -281,6 +281,8 @@ def test_experiment_cli_runs_resumes_extends_and_reports(tmp_path):
         ]
         fids = [r for r in recs if "proxy_fid" in r]
         assert fids and fids[-1]["step"] == 2 and math.isfinite(fids[-1]["proxy_fid"])
+        # The per-run table shows each run's own final value.
+        assert f"| {fids[-1]['proxy_fid']:.2f} |" in report.split("## Runs")[1], run
     # Seeds differ, arms with the same seed start from the same weights and data.
     assert "loss_disp" in recs[-2] or any("loss_disp" in r for r in recs)
 

@@ -63,6 +63,14 @@ def _config_summary(cfg: Any) -> str:
     )
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies below it (reports get committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | None = None) -> Path:
     """Collect the runs, write tables, figures and ``report.md``; return the report's path."""
     exp = grid.exp_dir
@@ -106,7 +114,7 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         f"- Grid: `{grid.path}` ({len(grid.arms)} arms x {len(grid.seeds)} seeds = "
         f"{len(grid.runs)} runs; {n_done} finished)",
         f"- Command: `{cmd}`",
-        f"- Base config: `{grid.config}`: {_config_summary(first)}",
+        f"- Base config: `{_shown(grid.config)}`: {_config_summary(first)}",
         f"- Common overrides: {common or 'none'}"
         + (
             f"; command line: {', '.join(f'`{o}`' for o in grid.extra_overrides)}"
@@ -144,9 +152,9 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         "samples": "Samples of the first seed of each arm, same noise and labels; paper Fig. 5.",
     }
     lines += ["## Figures", ""]
-    for key, p in figs.items():
+    for fig, p in figs.items():  # not `key`: that is the metric's, used again below
         if p is not None:
-            lines += [f"![{key}]({p.name})", "", captions[key], ""]
+            lines += [f"![{fig}]({p.name})", "", captions[fig], ""]
     lines += [
         "## Runs",
         "",
