@@ -106,6 +106,20 @@ def test_weight_zero_is_the_baseline_whatever_layer_is_tapped(tmp_path):
     assert rec["loss"] == pytest.approx(rec["loss_diff"] + 0.5 * rec["loss_disp"], rel=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["hinge", "covariance", "infonce_cosine"])
+def test_floor_gap_is_infonce_l2s_whatever_the_trained_variant(tmp_path, variant):
+    # Only InfoNCE-l2 (with the diagonal) has the floor -log B; the gap of the other variants'
+    # own values to it means nothing, so every arm logs InfoNCE-l2's gap at its tau.
+    run = _run(
+        tmp_path, variant, "train.steps=2", "dispersive.group_size=4",
+        f'dispersive.variant="{variant}"',
+    )  # fmt: skip
+    for r in read_metrics(run):
+        assert 0.0 <= r["floor_gap"] <= math.log(4) + 1e-6, r
+        if variant == "hinge":
+            assert r["loss_disp"] >= 0.0  # the trained term is the hinge's own value
+
+
 def test_run_directory_and_metrics(tmp_path):
     run = _run(
         tmp_path, "r", "train.steps=4", "optim.warmup_steps=4", "dispersive.group_size=4",

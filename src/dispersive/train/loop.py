@@ -236,6 +236,13 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                 include_diagonal=disp.include_diagonal,
             )
 
+            def infonce_l2(z: torch.Tensor) -> torch.Tensor:
+                """The diagnostic of every arm: InfoNCE-l2 with the diagonal, the one variant
+                whose floor is -log B, at this run's tau (the trained term may be another)."""
+                return losses.dispersive_loss(
+                    z, tau=disp.tau, normalize_by_dim=disp.normalize_by_dim
+                )
+
             def disp_term(z: torch.Tensor) -> torch.Tensor:
                 """L_disp of one layer: global, or the mean over local groups of ``group``."""
                 if not _all_finite(z):
@@ -417,13 +424,15 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                             # when diverged): the values are averaged over ranks below.
                             ld = loss_disp if loss_disp is not None else disp_term(z)
                             stats = {"active_frac": math.nan, "mean_dist": math.nan}
+                            l2 = ld * math.nan
                             if _all_finite(z):
                                 stats = losses.dispersion_stats(
                                     z[:group], tau=disp.tau, normalize_by_dim=disp.normalize_by_dim
                                 )
+                                l2 = grouped_mean(infonce_l2, group, z)
                             rec.update(
                                 loss_disp=ld,
-                                floor_gap=ld + math.log(group),
+                                floor_gap=l2 + math.log(group),
                                 active_frac=stats["active_frac"],
                                 mean_dist=stats["mean_dist"],
                             )
