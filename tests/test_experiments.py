@@ -199,6 +199,21 @@ def test_arm_statistics_match_an_independent_computation(tmp_path):
     assert run_status(g, by["half-s0"], 6).state == "post"  # trained, no sample grid yet
     assert run_status(g, by["half-s0"], 9).state == "extend"
 
+    # A longer grid is extending a finished run (done.json is gone while it trains): for this
+    # grid the run stays finished, with its value at this budget, and is not resumed.
+    ext = by["disp-s0"].run_dir
+    (ext / "done.json").unlink()
+    (ext / "samples").mkdir()
+    (ext / "samples" / "spec.json").write_text(json.dumps({"checkpoint_step": 6}))
+    (ext / "checkpoints").mkdir()
+    (ext / "checkpoints" / "ckpt-0000008.pt").write_bytes(b"")
+    with (ext / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 8, "loss_diff": 0.1, "proxy_fid": 1.0}) + "\n")
+    assert run_status(g, by["disp-s0"], 6).state == "done"
+    assert run_status(g, by["disp-s0"], 12).state == "resume"
+    again = {r.run.name: r for r in collect(g, {r.name: 6 for r in g.runs})}
+    assert again["disp-s0"].finished and again["disp-s0"].values["proxy_fid"] == 90.0
+
 
 def test_two_axis_grids_get_a_pivot_table(tmp_path):
     g = load_grid(

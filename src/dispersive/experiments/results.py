@@ -105,7 +105,10 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
         recs = read_metrics(run.run_dir)
         done = _read_json(run.run_dir / "done.json") or {}
         reached = int(done.get("steps", max((int(r.get("step", 0)) for r in recs), default=0)))
-        res = RunResult(run, budget, reached, bool(done) and reached >= budget)
+        # Finished at this budget: done, or trained past it (another grid is extending it).
+        res = RunResult(
+            run, budget, reached, (bool(done) and reached >= budget) or reached > budget
+        )
         res.wall_time_s = done.get("wall_time_s")
         # A run that another grid trained further is read at this grid's budget.
         recs = [r for r in recs if int(r.get("step", 0)) <= budget]

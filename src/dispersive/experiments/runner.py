@@ -105,6 +105,10 @@ def run_status(grid: Grid, run: RunSpec, steps: int) -> RunStatus:
         if step < steps:
             return RunStatus("extend", step, steps)
         return RunStatus("done" if _post_done(grid, run, step) else "post", step, steps)
+    if step >= steps and _post_done(grid, run, steps):
+        # Another grid is extending this run (or was stopped doing so): it passed this grid's
+        # budget, whose samples and evaluations are kept. Resuming here would train to theirs.
+        return RunStatus("done", step, steps)
     if (d / "config.toml").is_file():
         return RunStatus("resume", step, steps)
     return RunStatus("new", 0, steps)
