@@ -33,7 +33,10 @@ def _colors(n: int) -> list:
 
 
 def _finish(fig, ax, title: str, path: Path) -> Path:
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    # Grid titles are sentences: wrap them rather than letting the figure cut them off.
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
