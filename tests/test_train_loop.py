@@ -217,6 +217,29 @@ def test_proxy_fid_of_the_ema_model_is_logged_with_its_sampler_spec(tmp_path):
         _run(tmp_path, "bad", "train.steps=1", "eval.every=1")  # 8x8 images: no proxy FID
 
 
+def test_a_run_stopped_during_an_evaluation_measures_it_again_on_resume(tmp_path, monkeypatch):
+    import dispersive.train.loop as loop
+
+    calls = []
+
+    def fake_proxy_fid(cfg, ema_model, step, device):
+        calls.append(step)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the step-2 samples are drawn
+        return {"step": step, "proxy_fid": 1.0}
+
+    monkeypatch.setattr(loop, "_proxy_fid", fake_proxy_fid)
+    extra = ("train.steps=4", "train.ckpt_every=1", "model.input_size=28", "eval.every=2",
+             'model.overrides={depth=2, hidden_size=32, num_heads=2, patch_size=7}')  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "r", *extra)
+    # The checkpoint of step 2 comes after its evaluation, so the run resumes before it.
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")][-1] == 1
+    _run(tmp_path, "r", *extra, resume=True)
+    assert calls == [2, 2, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "r") if "proxy_fid" in r] == [2, 4]
+
+
 def test_grouped_loss_is_the_mean_over_consecutive_groups():
     from dispersive import losses
     from dispersive.train.loop import grouped_mean

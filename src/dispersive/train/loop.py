@@ -465,6 +465,16 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                     interval_start, interval_step, data_wait = now, step, 0.0
                 del feats
 
+                # Proxy FID of the EMA model (rank 0; it must finish within dist_timeout_s).
+                # Also at the last step, so a run's final number is always measured. Before the
+                # checkpoint of the same step: a run stopped during the evaluation resumes from
+                # the previous checkpoint and measures it again, and its curve has no hole.
+                eval_now = cfg.eval.every and (step % cfg.eval.every == 0 or step == tr.steps)
+                if eval_now and info.is_main:
+                    record = _proxy_fid(cfg, ema.model, step, device)
+                    logger.log(record)
+                    logger.write(f"step {step}: proxy_fid {record['proxy_fid']:.3f} (proxy)")
+
                 # Checkpoint (rank 0), atomically; keep the last train.keep_last.
                 if info.is_main and (step % tr.ckpt_every == 0 or step == tr.steps):
                     state = {
@@ -482,14 +492,6 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                     }
                     save_checkpoint(state, checkpoint_path(run_dir, step))
                     prune_checkpoints(run_dir, tr.keep_last)
-
-                # Proxy FID of the EMA model (rank 0; it must finish within dist_timeout_s).
-                # Also at the last step, so a run's final number is always measured.
-                eval_now = cfg.eval.every and (step % cfg.eval.every == 0 or step == tr.steps)
-                if eval_now and info.is_main:
-                    record = _proxy_fid(cfg, ema.model, step, device)
-                    logger.log(record)
-                    logger.write(f"step {step}: proxy_fid {record['proxy_fid']:.3f} (proxy)")
 
             # ---- Done ------------------------------------------------------------------------
             summary = {
