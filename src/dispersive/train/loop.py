@@ -238,10 +238,14 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
 
             def infonce_l2(z: torch.Tensor) -> torch.Tensor:
                 """The diagnostic of every arm: InfoNCE-l2 with the diagonal, the one variant
-                whose floor is -log B, at this run's tau (the trained term may be another)."""
-                return losses.dispersive_loss(
-                    z, tau=disp.tau, normalize_by_dim=disp.normalize_by_dim
-                )
+                whose floor is -log B, at this run's tau and scope (the trained term may be
+                another variant). Computed on every rank, like ``disp_term``."""
+                if not _all_finite(z):
+                    return infonce_l2(z.nan_to_num(0.0, 0.0, 0.0)) * math.nan
+                kw = dict(tau=disp.tau, normalize_by_dim=disp.normalize_by_dim)
+                if disp.scope == "global":
+                    return losses.dispersive_loss(z, scope="global", **kw)
+                return grouped_mean(lambda g: losses.dispersive_loss(g, **kw), group, z)
 
             def disp_term(z: torch.Tensor) -> torch.Tensor:
                 """L_disp of one layer: global, or the mean over local groups of ``group``."""
@@ -423,13 +427,13 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                             # pairs that still give gradient. The same keys on every rank (NaN
                             # when diverged): the values are averaged over ranks below.
                             ld = loss_disp if loss_disp is not None else disp_term(z)
+                            same = disp.variant == "infonce_l2" and disp.include_diagonal
+                            l2 = ld if same else infonce_l2(z)
                             stats = {"active_frac": math.nan, "mean_dist": math.nan}
-                            l2 = ld * math.nan
                             if _all_finite(z):
                                 stats = losses.dispersion_stats(
                                     z[:group], tau=disp.tau, normalize_by_dim=disp.normalize_by_dim
                                 )
-                                l2 = grouped_mean(infonce_l2, group, z)
                             rec.update(
                                 loss_disp=ld,
                                 floor_gap=l2 + math.log(group),
