@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from dispersive.errors import UserError
@@ -65,8 +66,6 @@ def _install_signal_handlers() -> dict:
     can stop its child runs and every command exits with status 130. Returns the previous
     handlers, which :func:`main` puts back: a caller of ``main()`` keeps its own.
     """
-    import signal
-
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if previous[signal.SIGINT] is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -92,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"dispersive {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    import signal
-
     previous = _install_signal_handlers()
     try:
         return int(module.run(args) or 0)

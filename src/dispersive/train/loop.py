@@ -236,26 +236,17 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                 include_diagonal=disp.include_diagonal,
             )
 
-            def infonce_l2(z: torch.Tensor) -> torch.Tensor:
-                """The diagnostic of every arm: InfoNCE-l2 with the diagonal, the one variant
-                whose floor is -log B, at this run's tau and scope (the trained term may be
-                another variant). Computed on every rank, like ``disp_term``."""
-                if not _all_finite(z):
-                    return infonce_l2(z.nan_to_num(0.0, 0.0, 0.0)) * math.nan
-                kw = dict(tau=disp.tau, normalize_by_dim=disp.normalize_by_dim)
-                if disp.scope == "global":
-                    return losses.dispersive_loss(z, scope="global", **kw)
-                return grouped_mean(lambda g: losses.dispersive_loss(g, **kw), group, z)
-
-            def disp_term(z: torch.Tensor) -> torch.Tensor:
-                """L_disp of one layer: global, or the mean over local groups of ``group``."""
+            def disp_term(z: torch.Tensor, **kw) -> torch.Tensor:
+                """L_disp of one layer: global, or the mean over local groups of ``group``.
+                ``kw`` override the configured loss options (the InfoNCE-l2 diagnostic)."""
+                kw = {**disp_kw, **kw}
                 if not _all_finite(z):
                     # Diverged activations: a NaN term (the guard below then skips the step on
                     # every rank), still computed, so that collectives match across ranks.
-                    return disp_term(z.nan_to_num(0.0, 0.0, 0.0)) * math.nan
+                    return disp_term(z.nan_to_num(0.0, 0.0, 0.0), **kw) * math.nan
                 if disp.scope == "global":
-                    return losses.dispersive_loss(z, scope="global", **disp_kw)
-                return grouped_mean(lambda g: losses.dispersive_loss(g, **disp_kw), group, z)
+                    return losses.dispersive_loss(z, scope="global", **kw)
+                return grouped_mean(lambda g: losses.dispersive_loss(g, **kw), group, z)
 
             def contrastive_term(z: torch.Tensor, z_pos: torch.Tensor) -> torch.Tensor:
                 """The contrastive counterpart, grouped like :func:`disp_term` (Table 2)."""
@@ -427,8 +418,14 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                             # pairs that still give gradient. The same keys on every rank (NaN
                             # when diverged): the values are averaged over ranks below.
                             ld = loss_disp if loss_disp is not None else disp_term(z)
+                            # The floor gap is InfoNCE-l2's (with the diagonal), the one variant
+                            # whose floor is -log B, whatever variant is trained.
                             same = disp.variant == "infonce_l2" and disp.include_diagonal
-                            l2 = ld if same else infonce_l2(z)
+                            l2 = (
+                                ld
+                                if same
+                                else disp_term(z, variant="infonce_l2", include_diagonal=True)
+                            )
                             stats = {"active_frac": math.nan, "mean_dist": math.nan}
                             if _all_finite(z):
                                 stats = losses.dispersion_stats(
