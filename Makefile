@@ -9,8 +9,8 @@ data:
 	bash scripts/fashion-mnist.sh
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff format --check src tests benchmarks scripts
 
 test: lint data
 	.venv/bin/python -m pytest -q

@@ -49,3 +49,42 @@ def test_save_keeps_finished_runs_without_checkpoints_and_restore_brings_them_ba
     assert (live / "aaa-s0" / "done.json").is_file()
     # A live run is never overwritten by a kept copy.
     assert (live / "bbb-s0" / "metrics.jsonl").read_text() == '{"step": 1000}\n'
+
+
+def _study_tables():
+    import importlib.util
+
+    path = SCRIPT.parent / "study_tables.py"
+    spec = importlib.util.spec_from_file_location("study_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
+    import json
+
+    def run(name: str, weight: float, variant: str, dist: list[float]) -> None:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.toml").write_text(
+            f'[dispersive]\nweight = {weight}\nvariant = "{variant}"\ntau = 0.5\n'
+            'layers = ["blocks.0"]\n'
+        )
+        recs = [
+            {"step": s, "mean_dist": m, "active_frac": 0.5, "rep_norm/blocks.0": 10.0,
+             "rep_norm/blocks.3": 20.0}
+            for s, m in zip((100, 1000, 4000), dist)
+        ] + [{"step": 4000, "proxy_fid": 30.0 + weight, "proxy_acc": 0.7}]  # fmt: skip
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    run("base-s0", 0.0, "infonce_l2", [1.0, 2.0, 3.0])
+    run("base-s1", 0.0, "infonce_l2", [3.0, 4.0, 5.0])
+    run("hinge-s0", 0.5, "hinge", [7.0, 8.0, 9.0])
+    run("other-s0", 1.0, "hinge", [0.0, 0.0, 0.0])  # not an arm of the variants grid
+    tables = _study_tables()
+    rows = tables.dispersion(tmp_path).splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| baseline | 2 | 2.00 | 3.00 | 4.00 | 50% |")
+    assert rows[3].startswith("| Hinge | 1 | 7.00 |")
+    assert tables.long(tmp_path).splitlines()[2] == "| 4,000 | 30.0 (70%) |"

@@ -1,0 +1,92 @@
+"""Two tables of docs/results.md that the grid reports do not make, from the runs' metrics.jsonl.
+
+    python scripts/study_tables.py dispersion   # blocks.0 dispersion of the fmnist-variants arms
+    python scripts/study_tables.py long         # seed 0 of baseline and InfoNCE-l2 to 12,000 steps
+
+Runs are found in runs/experiments/fmnist-runs (or --runs DIR) by their config.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+from dispersive.train.logging import read_metrics
+
+VARIANT_NAMES = {
+    "infonce_l2": "InfoNCE l2",
+    "infonce_cosine": "InfoNCE cosine",
+    "hinge": "Hinge",
+    "covariance": "Covariance",
+}
+
+
+def _arm(run_dir: Path) -> str | None:
+    """The fmnist-variants arm a run belongs to (lambda 0.5, tau 0.5, blocks.0), else None."""
+    d = tomllib.loads((run_dir / "config.toml").read_text())["dispersive"]
+    if d.get("contrastive") or d["layers"] != ["blocks.0"] or d["tau"] != 0.5:
+        return None
+    if d["weight"] == 0:
+        return "baseline"
+    return VARIANT_NAMES[d["variant"]] if d["weight"] == 0.5 else None
+
+
+def dispersion(runs: Path, steps=(100, 1000, 4000)) -> str:
+    by_arm: dict[str, list[dict[int, dict]]] = {}
+    for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
+        arm = _arm(d)
+        recs = {r["step"]: r for r in read_metrics(d) if "mean_dist" in r}
+        if arm is not None and all(s in recs for s in steps):
+            by_arm.setdefault(arm, []).append(recs)
+    what = ("mean dist", "active pairs", "norm blocks.0")
+    cols = [f"{w} @{s}" for w in what for s in steps]
+    lines = [
+        "| arm | seeds | " + " | ".join(cols) + f" | norm blocks.3 @{steps[-1]} |",
+        "|---" * (len(cols) + 3) + "|",
+    ]
+    for arm in ["baseline", *VARIANT_NAMES.values()]:
+        seeds = by_arm.get(arm, [])
+        if not seeds:
+            continue
+
+        def mean(key: str, s: int, seeds=seeds) -> float:
+            return sum(r[s][key] for r in seeds) / len(seeds)
+
+        cells = [f"{mean('mean_dist', s):.2f}" for s in steps]
+        cells += [f"{100 * mean('active_frac', s):.0f}%" for s in steps]
+        cells += [f"{mean('rep_norm/blocks.0', s):.0f}" for s in steps]
+        cells.append(f"{mean('rep_norm/blocks.3', steps[-1]):.0f}")
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def long(runs: Path, seed: int = 0) -> str:
+    curves: dict[str, dict[int, tuple[float, float]]] = {}
+    for d in sorted(runs.glob(f"*-s{seed}")):
+        arm = _arm(d)
+        if arm in ("baseline", "InfoNCE l2"):
+            recs = [r for r in read_metrics(d) if "proxy_fid" in r]
+            curves[arm] = {r["step"]: (r["proxy_fid"], r["proxy_acc"]) for r in recs}
+    arms = [a for a in ("baseline", "InfoNCE l2") if a in curves]
+    lines = ["| step | " + " | ".join(f"{a} (seed {seed})" for a in arms) + " |"]
+    lines.append("|---" * (len(arms) + 1) + "|")
+    for s in sorted(set().union(*curves.values())):
+        cells = [
+            f"{curves[a][s][0]:.1f} ({100 * curves[a][s][1]:.0f}%)" if s in curves[a] else "–"
+            for a in arms
+        ]
+        lines.append(f"| {s:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("table", choices=["dispersion", "long"])
+    p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
+    args = p.parse_args()
+    print(dispersion(args.runs) if args.table == "dispersion" else long(args.runs))
+
+
+if __name__ == "__main__":
+    main()
