@@ -4,8 +4,8 @@
 # be regenerated from what is committed.
 #   scripts/study-runs.sh save      runs/experiments/fmnist-runs -> results/fmnist-runs
 #   scripts/study-runs.sh restore   results/fmnist-runs -> runs/experiments/fmnist-runs
-# A restored run counts as finished (done.json, samples, metrics); extending it to a longer
-# budget (fmnist-long.toml) needs its checkpoints, which are not kept.
+# A restored run counts as finished (done.json, samples, metrics). Its checkpoints are not
+# kept, so extending it to a longer budget (fmnist-long.toml) trains it again from step 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 live=runs/experiments/fmnist-runs
