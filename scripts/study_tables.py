@@ -1,7 +1,12 @@
 """Two tables of docs/results.md that the grid reports do not make, from the runs' metrics.jsonl.
 
-    python scripts/study_tables.py dispersion   # blocks.0 dispersion of the fmnist-variants arms
+    python scripts/study_tables.py dispersion   # dispersion of the fmnist-variants arms
+    python scripts/study_tables.py dispersion --grid blocks      # the fmnist-blocks arms
+    python scripts/study_tables.py dispersion --grid lambda-tau  # the fmnist-lambda-tau arms
     python scripts/study_tables.py long         # seed 0 of baseline and InfoNCE-l2 to 12,000 steps
+
+"mean dist" and "active pairs" are logged on the run's first loss layer at the run's tau (the
+baseline: blocks.0, tau 0.5).
 
 Runs are found in runs/experiments/fmnist-runs (or --runs DIR) by their config.toml.
 """
@@ -22,20 +27,56 @@ VARIANT_NAMES = {
 }
 
 
+def _dispersive(run_dir: Path) -> dict | None:
+    """The run's [dispersive] table; None for the baseline's stand-ins (contrastive runs)."""
+    d = tomllib.loads((run_dir / "config.toml").read_text())["dispersive"]
+    return None if d.get("contrastive") else d
+
+
+def _is_baseline(d: dict) -> bool:
+    return d["weight"] == 0 and d["layers"] == ["blocks.0"] and d["tau"] == 0.5
+
+
 def _arm(run_dir: Path) -> str | None:
     """The fmnist-variants arm a run belongs to (lambda 0.5, tau 0.5, blocks.0), else None."""
-    d = tomllib.loads((run_dir / "config.toml").read_text())["dispersive"]
-    if d.get("contrastive") or d["layers"] != ["blocks.0"] or d["tau"] != 0.5:
+    d = _dispersive(run_dir)
+    if d is None or d["layers"] != ["blocks.0"] or d["tau"] != 0.5:
         return None
     if d["weight"] == 0:
         return "baseline"
     return VARIANT_NAMES[d["variant"]] if d["weight"] == 0.5 else None
 
 
-def dispersion(runs: Path, steps=(100, 1000, 4000)) -> str:
+def _block_arm(run_dir: Path) -> str | None:
+    """The fmnist-blocks arm (InfoNCE-l2, lambda 0.5, tau 0.5): the loss layers, else None."""
+    d = _dispersive(run_dir)
+    if d is None:
+        return None
+    if _is_baseline(d):
+        return "baseline"
+    if d["weight"] != 0.5 or d["tau"] != 0.5 or d["variant"] != "infonce_l2":
+        return None
+    return "all blocks" if len(d["layers"]) > 1 else d["layers"][0]
+
+
+def _lambda_tau_arm(run_dir: Path) -> str | None:
+    """The fmnist-lambda-tau arm (InfoNCE-l2 on blocks.0): "lambda=W tau=T", else None."""
+    d = _dispersive(run_dir)
+    if d is None or d["layers"] != ["blocks.0"]:
+        return None
+    if _is_baseline(d):
+        return "baseline"
+    return f"lambda={d['weight']} tau={d['tau']}" if d["variant"] == "infonce_l2" else None
+
+
+GRIDS = {"variants": _arm, "blocks": _block_arm, "lambda-tau": _lambda_tau_arm}
+
+
+def dispersion(runs: Path, steps=(100, 1000, 4000), grid: str = "variants") -> str:
+    arm_of = GRIDS[grid]
     by_arm: dict[str, list[dict[int, dict]]] = {}
     for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
-        arm = _arm(d)
+        arm = arm_of(d)
         recs = {r["step"]: r for r in read_metrics(d) if "mean_dist" in r}
         if arm is not None and all(s in recs for s in steps):
             by_arm.setdefault(arm, []).append(recs)
@@ -45,7 +86,8 @@ def dispersion(runs: Path, steps=(100, 1000, 4000)) -> str:
         "| arm | seeds | " + " | ".join(cols) + f" | norm blocks.3 @{steps[-1]} |",
         "|---" * (len(cols) + 3) + "|",
     ]
-    for arm in ["baseline", *VARIANT_NAMES.values()]:
+    order = [*VARIANT_NAMES.values()] if grid == "variants" else sorted(set(by_arm) - {"baseline"})
+    for arm in ["baseline", *order]:
         seeds = by_arm.get(arm, [])
         if not seeds:
             continue
@@ -84,8 +126,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("table", choices=["dispersion", "long"])
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
+    p.add_argument("--grid", choices=sorted(GRIDS), default="variants", help="dispersion only")
     args = p.parse_args()
-    print(dispersion(args.runs) if args.table == "dispersion" else long(args.runs))
+    print(dispersion(args.runs, grid=args.grid) if args.table == "dispersion" else long(args.runs))
 
 
 if __name__ == "__main__":

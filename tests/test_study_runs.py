@@ -64,12 +64,12 @@ def _study_tables():
 def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     import json
 
-    def run(name: str, weight: float, variant: str, dist: list[float]) -> None:
+    def run(name, weight, variant, dist, tau=0.5, layers='["blocks.0"]') -> None:
         d = tmp_path / name
         d.mkdir()
         (d / "config.toml").write_text(
-            f'[dispersive]\nweight = {weight}\nvariant = "{variant}"\ntau = 0.5\n'
-            'layers = ["blocks.0"]\n'
+            f'[dispersive]\nweight = {weight}\nvariant = "{variant}"\ntau = {tau}\n'
+            f"layers = {layers}\n"
         )
         recs = [
             {"step": s, "mean_dist": m, "active_frac": 0.5, "rep_norm/blocks.0": 10.0,
@@ -81,10 +81,18 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     run("base-s0", 0.0, "infonce_l2", [1.0, 2.0, 3.0])
     run("base-s1", 0.0, "infonce_l2", [3.0, 4.0, 5.0])
     run("hinge-s0", 0.5, "hinge", [7.0, 8.0, 9.0])
-    run("other-s0", 1.0, "hinge", [0.0, 0.0, 0.0])  # not an arm of the variants grid
+    run("other-s0", 1.0, "hinge", [0.0, 0.0, 0.0])  # not an arm of any grid
+    run("lt-s0", 1.0, "infonce_l2", [5.0, 5.0, 5.0], tau=2.0)  # lambda x tau only
+    run("b2-s0", 0.5, "infonce_l2", [6.0, 6.0, 6.0], layers='["blocks.2"]')  # blocks only
+    run("all-s0", 0.5, "infonce_l2", [4.0, 4.0, 4.0], layers='["blocks.0", "blocks.3"]')
     tables = _study_tables()
     rows = tables.dispersion(tmp_path).splitlines()
     assert len(rows) == 4
     assert rows[2].startswith("| baseline | 2 | 2.00 | 3.00 | 4.00 | 50% |")
     assert rows[3].startswith("| Hinge | 1 | 7.00 |")
+    rows = tables.dispersion(tmp_path, grid="blocks").splitlines()
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| all blocks", "| blocks.2"]
+    rows = tables.dispersion(tmp_path, grid="lambda-tau").splitlines()
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| lambda=1.0 tau=2.0"]
+    assert rows[3].startswith("| lambda=1.0 tau=2.0 | 1 | 5.00 |")
     assert tables.long(tmp_path).splitlines()[2] == "| 4,000 | 30.0 (70%) |"
