@@ -418,6 +418,33 @@ def test_grids_share_one_queue_and_extend_shared_runs_once(tmp_path):
     assert pending[also.path] == []
 
 
+def test_arms_and_seeds_select_the_queued_runs(tmp_path):
+    from dispersive.experiments.runner import build_queue, select_runs
+
+    f = _write(
+        tmp_path / "g.toml",
+        f'[experiment]\nconfig = "{TINY}"\nseeds = [0, 1, 2]\n'
+        '[[arm]]\nname = "baseline"\nset = { "dispersive.weight" = 0.0 }\n'
+        '[axes]\n"dispersive.weight" = [0.25, 0.5]\n',
+    )
+    g = load_grid(f, outdir=tmp_path)
+    cfgs = {g.path: check_grid(g)}
+
+    def queued(**kw):
+        queue, pending = build_queue([g], cfgs, keep=select_runs([g], **kw))
+        assert pending[g.path] == list(range(len(queue)))  # the report waits for these only
+        return [(r.arm.name, r.seed) for _, r, _ in queue]
+
+    assert len(queued()) == 9  # no filter: 3 arms x 3 seeds
+    assert queued(arms=["weight=0.25*"], seeds=[2]) == [("weight=0.25", 2)]
+    assert queued(arms=["baseline", "*0.5"], seeds=[0]) == [("baseline", 0), ("weight=0.5", 0)]
+    assert queued(seeds=[1]) == [("baseline", 1), ("weight=0.25", 1), ("weight=0.5", 1)]
+    with pytest.raises(UserError, match="matches no arm.*'weight=0.25'"):
+        select_runs([g], arms=["weight=0.3*"])
+    with pytest.raises(UserError, match=r"--seeds 3 .* \[0, 1, 2\]"):
+        select_runs([g], seeds=[3])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_stopping_an_experiment_stops_its_runs_and_they_resume(tmp_path, sig):

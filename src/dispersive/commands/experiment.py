@@ -4,6 +4,7 @@
     dispersive experiment A.toml B.toml C.toml --jobs 2  # one queue; shared runs trained once
     dispersive experiment GRID.toml --dry-run            # resolve and check every run, then stop
     dispersive experiment GRID.toml --report-only        # rebuild the report from what is there
+    dispersive experiment GRID.toml --arms 'weight=0.25*' --seeds 0   # some runs first
     dispersive experiment GRID.toml --set train.steps=200 --outdir /tmp/try   # a quick variant
 
 Finished runs are skipped and interrupted ones resumed, so the same command continues a grid
@@ -47,6 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "another machine on a shared disk) then meets the first in the middle",
     )
     p.add_argument(
+        "--arms",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="run only the arms whose name matches one of these shell patterns (quoted), e.g. "
+        "'weight=0.25*'; the others are left as they are (the report shows what is on disk)",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[], metavar="N", help="run only these seeds"
+    )
+    p.add_argument(
         "--status-every", type=float, default=60.0, help="seconds between progress lines"
     )
     p.add_argument("--final-eval-ref", default=None, help="replaces [final_eval] ref")
@@ -78,13 +90,14 @@ def _load(path: str, args: argparse.Namespace):
     return grid
 
 
-def _dry_run(grid, cfgs) -> None:
+def _dry_run(grid, cfgs, keep) -> None:
     from dispersive.experiments.runner import run_status
 
     print(f"experiment {grid.name}: {len(grid.runs)} runs in {grid.exp_dir}")
     for r in grid.runs:
         cfg = cfgs[r.name]
         st = run_status(grid, r, cfg.train.steps)
+        state = st.state if keep(r) or st.state == "done" else f"{st.state} (not selected)"
         d = cfg.dispersive
         disp = (
             "off"
@@ -92,7 +105,7 @@ def _dry_run(grid, cfgs) -> None:
             else f"{d.variant} weight {d.weight} tau {d.tau} {list(d.layers)}"
         )
         print(
-            f"  {r.arm.name} (seed {r.seed}): {st.state}, {cfg.model.name}, "
+            f"  {r.arm.name} (seed {r.seed}): {state}, {cfg.model.name}, "
             f"{cfg.train.steps} steps, batch {cfg.train.global_batch}; dispersive {disp}; "
             f"folder {r.run_dir}"
         )
@@ -100,13 +113,14 @@ def _dry_run(grid, cfgs) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dispersive.experiments.report import write_report
-    from dispersive.experiments.runner import check_grid, run_grids
+    from dispersive.experiments.runner import check_grid, run_grids, select_runs
 
     grids = [_load(p, args) for p in args.grids]
     cfgs = {g.path: check_grid(g) for g in grids}
+    keep = select_runs(grids, arms=args.arms, seeds=args.seeds)
     if args.dry_run:
         for g in grids:
-            _dry_run(g, cfgs[g.path])
+            _dry_run(g, cfgs[g.path], keep)
         print("# dry run: every config resolved and checked; nothing was run", file=sys.stderr)
         return 0
 
@@ -122,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         failures = run_grids(
             grids, jobs=args.jobs, threads=args.threads, status_every=args.status_every,
-            on_grid_done=report, reverse=args.reverse,
+            on_grid_done=report, reverse=args.reverse, keep=keep,
         )  # fmt: skip
     for g in grids:  # every report, also of grids with failed runs (those show as missing)
         if g.path not in reports or failures:

@@ -18,6 +18,7 @@ is reported with its log file and does not stop the others.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ __all__ = [
     "check_grid",
     "run_grid",
     "run_grids",
+    "select_runs",
     "available_cpus",
     "LOG_FILE",
     "final_eval_file",
@@ -346,8 +348,43 @@ def _progress_line(run: RunSpec, steps: int) -> str:
     return " ".join(parts)
 
 
+def select_runs(
+    grids: Sequence[Grid], arms: Sequence[str] = (), seeds: Sequence[int] = ()
+) -> Callable[[RunSpec], bool]:
+    """A filter on the grids' runs: arm name matching one of ``arms`` (shell patterns, as in
+    ``fnmatch``; empty = every arm) and seed in ``seeds`` (empty = every seed).
+
+    Raises:
+        UserError: a pattern or seed that selects no run of any grid (a typo would otherwise
+            run nothing, silently).
+    """
+    runs = [r for g in grids for r in g.runs]
+    names = sorted({r.arm.name for r in runs})
+    for pat in arms:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise UserError(
+                f"--arms {pat!r} matches no arm; the grids' arms are: "
+                + ", ".join(repr(n) for n in names)
+                + " (quote patterns with spaces or *)"
+            )
+    known = sorted({r.seed for r in runs})
+    for s in seeds:
+        if s not in known:
+            raise UserError(f"--seeds {s} is not a seed of the grids; they have {known}")
+
+    def keep(run: RunSpec) -> bool:
+        by_arm = not arms or any(fnmatch.fnmatchcase(run.arm.name, p) for p in arms)
+        return by_arm and (not seeds or run.seed in seeds)
+
+    return keep
+
+
 def build_queue(
-    grids: Sequence[Grid], cfgs: dict, *, echo: Callable[[str], None] = lambda _: None
+    grids: Sequence[Grid],
+    cfgs: dict,
+    *,
+    echo: Callable[[str], None] = lambda _: None,
+    keep: Callable[[RunSpec], bool] | None = None,
 ) -> tuple[list[tuple[Grid, RunSpec, int]], dict[Path, list[int]]]:
     """The shared queue of several grids, in order: ``(grid, run, budget)`` per task.
 
@@ -358,6 +395,8 @@ def build_queue(
     Args:
         grids: the grids.
         cfgs: ``{grid.path: {run name: Config}}`` from :func:`check_grid`.
+        keep: queue only the runs it accepts (:func:`select_runs`); the others are left as
+            they are, and a grid's report then shows them as they are on disk.
     """
     # The queue: (grid, run, budget), one entry per run folder and budget increase.
     queue: list[tuple[Grid, RunSpec, int]] = []
@@ -372,7 +411,7 @@ def build_queue(
             known = budget_of.get(run.run_dir)
             if known is None or steps > known:
                 budget_of[run.run_dir] = steps
-                if st.state != "done":
+                if st.state != "done" and (keep is None or keep(run)):
                     queue.append((g, run, steps))
             # The grid waits for every task of this folder queued so far.
             pending_of[g.path] += [
@@ -399,6 +438,7 @@ def run_grids(
     echo: Callable[[str], None] = print,
     on_grid_done: Callable[[Grid], None] | None = None,
     reverse: bool = False,
+    keep: Callable[[RunSpec], bool] | None = None,
 ) -> list[tuple[RunSpec, str]]:
     """Bring every run of the grids to its final state (train, samples, final evaluation).
 
@@ -414,6 +454,7 @@ def run_grids(
         on_grid_done: called (in this thread) when all runs of a grid have finished, e.g. to
             write its report while the other grids go on.
         reverse: work through the queue from its end (for a second process on the same grids).
+        keep: run only the runs it accepts (:func:`select_runs`: some arms or seeds first).
 
     Returns:
         ``[(run, error message)]`` of the runs that failed (empty when all finished).
@@ -428,7 +469,7 @@ def run_grids(
     threads = threads or max(1, available_cpus() // (jobs * nproc))
     env = _child_env(threads)
 
-    queue, pending_of = build_queue(grids, cfgs, echo=echo)
+    queue, pending_of = build_queue(grids, cfgs, echo=echo, keep=keep)
     if reverse:
         # A second process on the same grids works from the other end; the run locks keep the
         # two apart, and an extension met first simply trains to the larger budget directly.
