@@ -86,7 +86,8 @@ def dispersion(runs: Path, steps=(100, 1000, 4000), grid: str = "variants") -> s
         "| arm | seeds | " + " | ".join(cols) + f" | norm blocks.3 @{steps[-1]} |",
         "|---" * (len(cols) + 3) + "|",
     ]
-    order = [*VARIANT_NAMES.values()] if grid == "variants" else sorted(set(by_arm) - {"baseline"})
+    others = sorted(set(by_arm) - {"baseline"}, key=lambda a: (a == "all blocks", a))
+    order = [*VARIANT_NAMES.values()] if grid == "variants" else others
     for arm in ["baseline", *order]:
         seeds = by_arm.get(arm, [])
         if not seeds:

@@ -91,7 +91,7 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     assert rows[2].startswith("| baseline | 2 | 2.00 | 3.00 | 4.00 | 50% |")
     assert rows[3].startswith("| Hinge | 1 | 7.00 |")
     rows = tables.dispersion(tmp_path, grid="blocks").splitlines()
-    assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| all blocks", "| blocks.2"]
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| blocks.2", "| all blocks"]
     rows = tables.dispersion(tmp_path, grid="lambda-tau").splitlines()
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| lambda=1.0 tau=2.0"]
     assert rows[3].startswith("| lambda=1.0 tau=2.0 | 1 | 5.00 |")
