@@ -187,10 +187,11 @@ def test_arm_statistics_match_an_independent_computation(tmp_path):
     assert (s.wins, s.shared) == (2, 3)
     assert stats["baseline"].rel_change is None and stats["baseline"].paired_mean is None
     half = stats["half"]
-    assert half.values == {0: 50.0} and half.std is None and half.unfinished == 2
+    assert half.values == {0: 50.0} and half.std is None
+    assert (half.unfinished, half.not_started) == (2, 1)
     table = markdown_table(g, list(stats.values()), metric_label="proxy FID")
     assert "(baseline)" in table and f"{100 * (d.mean() - b.mean()) / b.mean():+.1f}%" in table
-    assert "(+2 unfinished)" in table
+    assert "(+1 unfinished, +1 not run)" in table
 
     # The state of each run on disk.
     by = {r.name: r for r in g.runs}

@@ -5,7 +5,7 @@ relative change of the mean against the baseline arm (paper Tables 2-5: ``(m - m
 m_base``), and the *paired* difference over the seeds both arms share (same seed = same
 initial weights, data order and noise): its mean, standard deviation and the number of seeds
 where the arm is better. Only runs that reached the grid's step budget enter the statistics;
-unfinished runs are listed as such.
+the others are counted as started but unfinished, or as not run yet.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class ArmStats:
     paired_std: float | None
     wins: int  # shared seeds where the arm is better
     shared: int  # shared seeds with the baseline
-    unfinished: int
+    unfinished: int  # runs not finished, whether started or not
+    not_started: int  # of those, runs with no trained step on disk
     final_means: dict[str, float]  # mean of selected final training values
     acc_mean: float | None
 
@@ -191,7 +192,8 @@ def arm_stats(grid: Grid, results: list[RunResult], key: str | None = None) -> l
                 paired_mean=statistics.fmean(diffs) if diffs else None,
                 paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
                 wins=sum(sign * d < 0 for d in diffs), shared=len(shared),
-                unfinished=sum(not r.finished for r in runs), final_means=finals,
+                unfinished=sum(not r.finished for r in runs),
+                not_started=sum(not r.finished and r.step == 0 for r in runs), final_means=finals,
                 acc_mean=statistics.fmean(accs) if accs else None,
             )
         )  # fmt: skip
@@ -202,6 +204,16 @@ def fmt(x: float | None, digits: int = 2, sign: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _pending(started: int, not_started: int) -> str:
+    """The seeds column's note on runs without a value: " (+1 unfinished, +2 not run)"."""
+    parts = []
+    if started:
+        parts.append(f"+{started} unfinished")
+    if not_started:
+        parts.append(f"+{not_started} not run")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _settings(arm: Arm, common_keys: set[str]) -> str:
@@ -236,7 +248,7 @@ def markdown_table(grid: Grid, stats: list[ArmStats], *, metric_label: str) -> s
         paired = "–"
         if s.paired_mean is not None:
             paired = f"{s.paired_mean:+.2f} ± {fmt(s.paired_std)} ({s.wins}/{s.shared})"
-        seeds = f"{len(s.values)}" + (f" (+{s.unfinished} unfinished)" if s.unfinished else "")
+        seeds = f"{len(s.values)}" + _pending(s.unfinished - s.not_started, s.not_started)
         row = [
             name,
             _settings(s.arm, common),
