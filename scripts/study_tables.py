@@ -1,9 +1,10 @@
-"""Two tables of docs/results.md that the grid reports do not make, from the runs' metrics.jsonl.
+"""Tables of docs/results.md that the grid reports do not make, from the runs' metrics.jsonl.
 
     python scripts/study_tables.py dispersion   # dispersion of the fmnist-variants arms
     python scripts/study_tables.py dispersion --grid blocks      # the fmnist-blocks arms
     python scripts/study_tables.py dispersion --grid lambda-tau  # the fmnist-lambda-tau arms
     python scripts/study_tables.py long         # seed 0 of baseline and InfoNCE-l2 to 12,000 steps
+    python scripts/study_tables.py paired       # every arm against the baseline, seed by seed
 
 "mean dist" and "active pairs" are logged on the run's first loss layer at the run's tau (the
 baseline: blocks.0, tau 0.5).
@@ -123,13 +124,70 @@ def long(runs: Path, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _seed(run_dir: Path) -> int:
+    """The seed of a run folder named by the experiment runner: HASH-sSEED."""
+    return int(run_dir.name.rsplit("-s", 1)[1])
+
+
+def _label(d: dict) -> str:
+    layers = "all blocks" if len(d["layers"]) > 1 else d["layers"][0]
+    return f"{VARIANT_NAMES[d['variant']]}, lambda={d['weight']}, tau={d['tau']}, {layers}"
+
+
+def paired(runs: Path, step: int = 4000) -> str:
+    """Every dispersive arm on disk against the baseline at the same seed, then pooled.
+
+    A pair is (arm's proxy FID - baseline's) at ``step`` for one seed: same initial weights,
+    data order and noise. The pooled rows count every pair of every arm of one variant, so
+    they say how often the regulariser beat the baseline over the whole study.
+    """
+    values: dict[str, dict[int, float]] = {}
+    for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
+        disp = _dispersive(d)
+        if disp is None or (disp["weight"] == 0 and not _is_baseline(disp)):
+            continue
+        at = [r for r in read_metrics(d) if r.get("step") == step and "proxy_fid" in r]
+        if at:
+            arm = "baseline" if disp["weight"] == 0 else _label(disp)
+            values.setdefault(arm, {})[_seed(d)] = float(at[-1]["proxy_fid"])
+    base = values.pop("baseline", {})
+    lines = [
+        "| arm | seeds | paired Δ mean | min | max | better/seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    pooled: dict[str, list[float]] = {}
+    arms_of: dict[str, int] = {}
+
+    def row(name: str, diffs: list[float]) -> str:
+        better = sum(x < 0 for x in diffs)
+        return (
+            f"| {name} | {len(diffs)} | {sum(diffs) / len(diffs):+.2f} | {min(diffs):+.2f} "
+            f"| {max(diffs):+.2f} | {better}/{len(diffs)} |"
+        )
+
+    for arm, vals in sorted(values.items()):
+        diffs = [v - base[s] for s, v in sorted(vals.items()) if s in base]
+        if diffs:
+            variant = arm.split(",")[0]
+            pooled.setdefault(variant, []).extend(diffs)
+            arms_of[variant] = arms_of.get(variant, 0) + 1
+            lines.append(row(arm, diffs))
+    for variant, diffs in pooled.items():
+        if arms_of[variant] > 1:  # one arm: its own row says it all
+            lines.append(row(f"**all {arms_of[variant]} {variant} arms (pooled)**", diffs))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["dispersion", "long"])
+    p.add_argument("table", choices=["dispersion", "long", "paired"])
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
     p.add_argument("--grid", choices=sorted(GRIDS), default="variants", help="dispersion only")
     args = p.parse_args()
-    print(dispersion(args.runs, grid=args.grid) if args.table == "dispersion" else long(args.runs))
+    if args.table == "dispersion":
+        print(dispersion(args.runs, grid=args.grid))
+    else:
+        print(long(args.runs) if args.table == "long" else paired(args.runs))
 
 
 if __name__ == "__main__":

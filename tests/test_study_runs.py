@@ -96,3 +96,11 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| lambda=1.0 tau=2.0"]
     assert rows[3].startswith("| lambda=1.0 tau=2.0 | 1 | 5.00 |")
     assert tables.long(tmp_path).splitlines()[2] == "| 4,000 | 30.0 (70%) |"
+    # Paired with the baseline of the same seed (proxy FID 30 + weight at step 4000).
+    rows = {r.split(" | ")[0][2:]: r for r in tables.paired(tmp_path).splitlines()[2:]}
+    hinge = rows["Hinge, lambda=0.5, tau=0.5, blocks.0"]
+    assert hinge.endswith("| 1 | +0.50 | +0.50 | +0.50 | 0/1 |")
+    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith("| +1.00 | 0/1 |")
+    pooled = rows["**all 3 InfoNCE l2 arms (pooled)**"]
+    assert pooled.endswith("| 3 | +0.67 | +0.50 | +1.00 | 0/3 |")  # lt, b2 and all
+    assert "baseline" not in rows and len(rows) == 7  # 5 arms; 2 variants with 2+ arms
