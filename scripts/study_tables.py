@@ -5,6 +5,7 @@
     python scripts/study_tables.py dispersion --grid lambda-tau  # the fmnist-lambda-tau arms
     python scripts/study_tables.py long         # seed 0 of baseline and InfoNCE-l2 to 12,000 steps
     python scripts/study_tables.py paired       # every arm against the baseline, seed by seed
+    python scripts/study_tables.py norm-fid     # rank correlation of feature norm and proxy FID
 
 "mean dist" and "active pairs" are logged on the run's first loss layer at the run's tau (the
 baseline: blocks.0, tau 0.5).
@@ -178,16 +179,47 @@ def paired(runs: Path, step: int = 4000) -> str:
     return "\n".join(lines)
 
 
+def norm_fid(runs: Path, step: int = 4000, block: str = "blocks.0") -> str:
+    """Spearman rank correlation of a block's output norm and the proxy FID at ``step``.
+
+    Over all runs of the dispersive and baseline arms, and over the InfoNCE-l2 arms alone:
+    does a run that inflated its features more also sample worse?
+    """
+    from scipy.stats import spearmanr
+
+    pts: dict[str, list[tuple[float, float]]] = {"all runs": [], "InfoNCE-l2 arms": []}
+    for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
+        disp = _dispersive(d)
+        recs = [r for r in read_metrics(d) if r.get("step") == step]
+        fid = [r["proxy_fid"] for r in recs if "proxy_fid" in r]
+        norm = [r[f"rep_norm/{block}"] for r in recs if f"rep_norm/{block}" in r]
+        if disp is None or not fid or not norm:
+            continue
+        pts["all runs"].append((norm[-1], fid[-1]))
+        if disp["variant"] == "infonce_l2" and disp["weight"] > 0:
+            pts["InfoNCE-l2 arms"].append((norm[-1], fid[-1]))
+    lines = [
+        f"| runs | n | Spearman rho (norm {block}, proxy FID) @{step} | p |",
+        "|---|---|---|---|",
+    ]
+    for name, xy in pts.items():
+        if len(xy) > 2:
+            rho, p = spearmanr([x for x, _ in xy], [y for _, y in xy])
+            lines.append(f"| {name} | {len(xy)} | {rho:+.2f} | {p:.2g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["dispersion", "long", "paired"])
+    p.add_argument("table", choices=["dispersion", "long", "paired", "norm-fid"])
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
     p.add_argument("--grid", choices=sorted(GRIDS), default="variants", help="dispersion only")
     args = p.parse_args()
     if args.table == "dispersion":
         print(dispersion(args.runs, grid=args.grid))
     else:
-        print(long(args.runs) if args.table == "long" else paired(args.runs))
+        tables = {"long": long, "paired": paired, "norm-fid": norm_fid}
+        print(tables[args.table](args.runs))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study-runs.sh"
 
 
@@ -72,7 +74,7 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
             f"layers = {layers}\n"
         )
         recs = [
-            {"step": s, "mean_dist": m, "active_frac": 0.5, "rep_norm/blocks.0": 10.0,
+            {"step": s, "mean_dist": m, "active_frac": 0.5, "rep_norm/blocks.0": 10.0 + m,
              "rep_norm/blocks.3": 20.0}
             for s, m in zip((100, 1000, 4000), dist)
         ] + [{"step": 4000, "proxy_fid": 30.0 + weight, "proxy_acc": 0.7}]  # fmt: skip
@@ -104,3 +106,19 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     pooled = rows["**all 3 InfoNCE l2 arms (pooled)**"]
     assert pooled.endswith("| 3 | +0.67 | +0.50 | +1.00 | 0/3 |")  # lt, b2 and all
     assert "baseline" not in rows and len(rows) == 7  # 5 arms; 2 variants with 2+ arms
+
+    # Rank correlation of the blocks.0 norm (10 + mean dist) with the proxy FID at step 4000,
+    # against Pearson's r of average ranks computed here.
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2 for x in v])
+
+    def rho(pairs):
+        x, y = ranks([n for n, _ in pairs]), ranks([f for _, f in pairs])
+        return np.corrcoef(x, y)[0, 1]
+
+    l2 = [(15.0, 31.0), (16.0, 30.5), (14.0, 30.5)]  # lt, b2, all
+    every = [(13.0, 30.0), (15.0, 30.0), (19.0, 30.5), (10.0, 31.0), *l2]
+    rows = tables.norm_fid(tmp_path).splitlines()[2:]
+    assert rows[0].startswith(f"| all runs | 7 | {rho(every):+.2f} |")
+    assert rows[1].startswith(f"| InfoNCE-l2 arms | 3 | {rho(l2):+.2f} |")
