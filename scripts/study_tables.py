@@ -74,10 +74,14 @@ def _lambda_tau_arm(run_dir: Path) -> str | None:
 GRIDS = {"variants": _arm, "blocks": _block_arm, "lambda-tau": _lambda_tau_arm}
 
 
+def _run_dirs(runs: Path) -> list[Path]:
+    return sorted(p for p in runs.iterdir() if (p / "config.toml").is_file())
+
+
 def dispersion(runs: Path, steps=(100, 1000, 4000), grid: str = "variants") -> str:
     arm_of = GRIDS[grid]
     by_arm: dict[str, list[dict[int, dict]]] = {}
-    for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
+    for d in _run_dirs(runs):
         arm = arm_of(d)
         recs = {r["step"]: r for r in read_metrics(d) if "mean_dist" in r}
         if arm is not None and all(s in recs for s in steps):
@@ -143,7 +147,7 @@ def paired(runs: Path, step: int = 4000) -> str:
     they say how often the regulariser beat the baseline over the whole study.
     """
     values: dict[str, dict[int, float]] = {}
-    for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
+    for d in _run_dirs(runs):
         disp = _dispersive(d)
         if disp is None or (disp["weight"] == 0 and not _is_baseline(disp)):
             continue
@@ -188,7 +192,7 @@ def norm_fid(runs: Path, step: int = 4000, block: str = "blocks.0") -> str:
     from scipy.stats import spearmanr
 
     pts: dict[str, list[tuple[float, float]]] = {"all runs": [], "InfoNCE-l2 arms": []}
-    for d in sorted(p for p in runs.iterdir() if (p / "config.toml").is_file()):
+    for d in _run_dirs(runs):
         disp = _dispersive(d)
         recs = [r for r in read_metrics(d) if r.get("step") == step]
         fid = [r["proxy_fid"] for r in recs if "proxy_fid" in r]
