@@ -3,7 +3,7 @@
     python scripts/study_tables.py dispersion   # dispersion of the fmnist-variants arms
     python scripts/study_tables.py dispersion --grid blocks      # the fmnist-blocks arms
     python scripts/study_tables.py dispersion --grid lambda-tau  # the fmnist-lambda-tau arms
-    python scripts/study_tables.py long         # seed 0 of baseline and InfoNCE-l2 to 12,000 steps
+    python scripts/study_tables.py long         # baseline vs InfoNCE-l2 per step and seed
     python scripts/study_tables.py paired       # every arm against the baseline, seed by seed
     python scripts/study_tables.py norm-fid     # rank correlation of feature norm and proxy FID
 
@@ -110,22 +110,33 @@ def dispersion(runs: Path, steps=(100, 1000, 4000), grid: str = "variants") -> s
     return "\n".join(lines)
 
 
-def long(runs: Path, seed: int = 0) -> str:
-    curves: dict[str, dict[int, tuple[float, float]]] = {}
-    for d in sorted(runs.glob(f"*-s{seed}")):
+def long(runs: Path) -> str:
+    """Proxy FID of the baseline and InfoNCE-l2 (lambda 0.5, tau 0.5) at every evaluated step,
+    seed by seed, with the gap (InfoNCE-l2 - baseline; negative = better) and its mean over the
+    seeds that have both arms at that step."""
+    curves: dict[tuple[str, int], dict[int, float]] = {}
+    for d in _run_dirs(runs):
         arm = _arm(d)
         if arm in ("baseline", "InfoNCE l2"):
             recs = [r for r in read_metrics(d) if "proxy_fid" in r]
-            curves[arm] = {r["step"]: (r["proxy_fid"], r["proxy_acc"]) for r in recs}
-    arms = [a for a in ("baseline", "InfoNCE l2") if a in curves]
-    lines = ["| step | " + " | ".join(f"{a} (seed {seed})" for a in arms) + " |"]
-    lines.append("|---" * (len(arms) + 1) + "|")
-    for s in sorted(set().union(*curves.values())):
-        cells = [
-            f"{curves[a][s][0]:.1f} ({100 * curves[a][s][1]:.0f}%)" if s in curves[a] else "–"
-            for a in arms
-        ]
-        lines.append(f"| {s:,} | " + " | ".join(cells) + " |")
+            curves[arm, _seed(d)] = {int(r["step"]): float(r["proxy_fid"]) for r in recs}
+    seeds = sorted({s for _, s in curves})
+    head = [f"seed {s}: baseline / InfoNCE l2 (gap)" for s in seeds]
+    lines = ["| step | " + " | ".join(head) + " | mean gap (seeds) |"]
+    lines.append("|---" * (len(seeds) + 2) + "|")
+    for step in sorted(set().union(*curves.values()) if curves else ()):
+        cells, gaps = [], []
+        for s in seeds:
+            b = curves.get(("baseline", s), {}).get(step)
+            x = curves.get(("InfoNCE l2", s), {}).get(step)
+            fmt = [f"{v:.1f}" if v is not None else "–" for v in (b, x)]
+            if b is not None and x is not None:
+                gaps.append(x - b)
+                cells.append(f"{fmt[0]} / {fmt[1]} ({x - b:+.1f})")
+            else:
+                cells.append(f"{fmt[0]} / {fmt[1]}")
+        mean = f"{sum(gaps) / len(gaps):+.1f} ({len(gaps)})" if gaps else "–"
+        lines.append(f"| {step:,} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)
 
 

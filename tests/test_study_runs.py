@@ -97,7 +97,7 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     rows = tables.dispersion(tmp_path, grid="lambda-tau").splitlines()
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| lambda=1.0 tau=2.0"]
     assert rows[3].startswith("| lambda=1.0 tau=2.0 | 1 | 5.00 |")
-    assert tables.long(tmp_path).splitlines()[2] == "| 4,000 | 30.0 (70%) |"
+    assert tables.long(tmp_path).splitlines()[2] == "| 4,000 | 30.0 / – | 30.0 / – | – |"
     # Paired with the baseline of the same seed (proxy FID 30 + weight at step 4000).
     rows = {r.split(" | ")[0][2:]: r for r in tables.paired(tmp_path).splitlines()[2:]}
     hinge = rows["Hinge, lambda=0.5, tau=0.5, blocks.0"]
@@ -122,3 +122,27 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     rows = tables.norm_fid(tmp_path).splitlines()[2:]
     assert rows[0].startswith(f"| all runs | 7 | {rho(every):+.2f} |")
     assert rows[1].startswith(f"| InfoNCE-l2 arms | 3 | {rho(l2):+.2f} |")
+
+
+def test_long_table_gives_the_gap_per_seed_and_its_mean_over_seeds_with_both_arms(tmp_path):
+    import json
+
+    def run(name, weight, fids, variant="infonce_l2") -> None:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.toml").write_text(
+            f'[dispersive]\nweight = {weight}\nvariant = "{variant}"\ntau = 0.5\n'
+            'layers = ["blocks.0"]\n'
+        )
+        recs = [{"step": s, "proxy_fid": f} for s, f in fids.items()]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    run("b-s0", 0.0, {1000: 80.0, 2000: 50.0})
+    run("x-s0", 0.5, {1000: 90.0, 2000: 48.0})
+    run("b-s1", 0.0, {1000: 70.0, 2000: 40.0})
+    run("x-s1", 0.5, {1000: 74.0})  # seed 1's InfoNCE-l2 run stopped before step 2000
+    run("h-s2", 0.5, {1000: 1.0}, variant="hinge")  # not an arm of this table
+    rows = _study_tables().long(tmp_path).splitlines()
+    assert rows[0].count("seed ") == 2  # no column for the hinge run's seed 2
+    assert rows[2] == "| 1,000 | 80.0 / 90.0 (+10.0) | 70.0 / 74.0 (+4.0) | +7.0 (2) |"
+    assert rows[3] == "| 2,000 | 50.0 / 48.0 (-2.0) | 40.0 / – | -2.0 (1) |"
