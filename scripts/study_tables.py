@@ -3,6 +3,7 @@
     python scripts/study_tables.py dispersion   # dispersion of the fmnist-variants arms
     python scripts/study_tables.py dispersion --grid blocks      # the fmnist-blocks arms
     python scripts/study_tables.py dispersion --grid lambda-tau  # the fmnist-lambda-tau arms
+    python scripts/study_tables.py dispersion --steps 4000 12000 --runs DIR  # other steps
     python scripts/study_tables.py long         # baseline vs InfoNCE-l2 per step and seed
     python scripts/study_tables.py paired       # every arm against the baseline, seed by seed
     python scripts/study_tables.py norm-fid     # rank correlation of feature norm and proxy FID
@@ -229,9 +230,13 @@ def main() -> None:
     p.add_argument("table", choices=["dispersion", "long", "paired", "norm-fid"])
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
     p.add_argument("--grid", choices=sorted(GRIDS), default="variants", help="dispersion only")
+    p.add_argument(
+        "--steps", type=int, nargs="+", default=[100, 1000, 4000],
+        help="dispersion only: the logged steps to show (runs that lack one are left out)",
+    )  # fmt: skip
     args = p.parse_args()
     if args.table == "dispersion":
-        print(dispersion(args.runs, grid=args.grid))
+        print(dispersion(args.runs, steps=tuple(args.steps), grid=args.grid))
     else:
         tables = {"long": long, "paired": paired, "norm-fid": norm_fid}
         print(tables[args.table](args.runs))

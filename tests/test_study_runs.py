@@ -92,6 +92,9 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     assert len(rows) == 4
     assert rows[2].startswith("| baseline | 2 | 2.00 | 3.00 | 4.00 | 50% |")
     assert rows[3].startswith("| Hinge | 1 | 7.00 |")
+    rows = tables.dispersion(tmp_path, steps=(1000, 4000)).splitlines()
+    assert rows[0].count("@1000") == 3 and "@100 " not in rows[0]
+    assert rows[2].startswith("| baseline | 2 | 3.00 | 4.00 | 50% | 50% | 13 | 14 | 20 |")
     rows = tables.dispersion(tmp_path, grid="blocks").splitlines()
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| blocks.2", "| all blocks"]
     rows = tables.dispersion(tmp_path, grid="lambda-tau").splitlines()
