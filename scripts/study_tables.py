@@ -130,12 +130,11 @@ def long(runs: Path) -> str:
         for s in seeds:
             b = curves.get(("baseline", s), {}).get(step)
             x = curves.get(("InfoNCE l2", s), {}).get(step)
-            fmt = [f"{v:.1f}" if v is not None else "–" for v in (b, x)]
+            cell = " / ".join(f"{v:.1f}" if v is not None else "–" for v in (b, x))
             if b is not None and x is not None:
                 gaps.append(x - b)
-                cells.append(f"{fmt[0]} / {fmt[1]} ({x - b:+.1f})")
-            else:
-                cells.append(f"{fmt[0]} / {fmt[1]}")
+                cell += f" ({x - b:+.1f})"
+            cells.append(cell)
         mean = f"{sum(gaps) / len(gaps):+.1f} ({len(gaps)})" if gaps else "–"
         lines.append(f"| {step:,} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)

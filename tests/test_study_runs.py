@@ -53,6 +53,21 @@ def test_save_keeps_finished_runs_without_checkpoints_and_restore_brings_them_ba
     assert (live / "bbb-s0" / "metrics.jsonl").read_text() == '{"step": 1000}\n'
 
 
+def test_save_long_keeps_only_runs_trained_past_the_4000_step_budget(tmp_path):
+    live = _tree(tmp_path)
+    long = live / "ccc-s0"
+    shutil.copytree(live / "aaa-s0", long)
+    (long / "done.json").write_text('{"steps": 12000}')
+    assert "saved 1 long run(s)" in _run(tmp_path, "save-long")
+    kept = tmp_path / "results" / "fmnist-long-runs"
+    assert sorted(p.name for p in kept.iterdir()) == ["ccc-s0"]
+    assert not (kept / "ccc-s0" / "checkpoints").exists()
+
+    shutil.rmtree(tmp_path / "runs")
+    _run(tmp_path, "restore-long")
+    assert (live / "ccc-s0" / "done.json").read_text() == '{"steps": 12000}'
+
+
 def _study_tables():
     import importlib.util
 
