@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dispersive import checkpoint as ck
 from dispersive.errors import UserError
+from dispersive.train import checkpoint as ck
 from dispersive.train.ema import EMA, unwrap_model
 
 TINY_MODEL = dict(name="SiT-XS/4", input_size=8, in_channels=1, num_classes=4)

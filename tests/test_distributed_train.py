@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dispersive.checkpoint import load_checkpoint
+from dispersive.train.checkpoint import load_checkpoint
 from dispersive.train.config import load_config
 from dispersive.train.logging import read_metrics
 from dispersive.train.loop import train

@@ -138,8 +138,8 @@ def test_eval_bad_inputs_are_one_line_errors(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from dispersive.checkpoint import checkpoint_path, save_checkpoint
     from dispersive.models import build
+    from dispersive.train.checkpoint import checkpoint_path, save_checkpoint
     from dispersive.train.config import config_to_dict, load_config
 
     cfg = load_config(
@@ -291,8 +291,8 @@ def test_sample_output_does_not_depend_on_the_number_of_ranks(tiny_ckpt, tmp_pat
 def test_sample_decodes_latent_runs_through_the_recorded_vae(tmp_path, capsys):
     # A tiny randomly initialised VAE saved locally (no download), latents 4x8x8 -> RGB 8x8.
     diffusers = pytest.importorskip("diffusers")
-    from dispersive.checkpoint import checkpoint_path, save_checkpoint
     from dispersive.models import build
+    from dispersive.train.checkpoint import checkpoint_path, save_checkpoint
     from dispersive.train.config import config_to_dict, load_config
 
     torch.manual_seed(0)

@@ -452,7 +452,7 @@ def test_stopping_an_experiment_stops_its_runs_and_they_resume(tmp_path, sig):
     import signal
     import time
 
-    from dispersive.checkpoint import list_checkpoints
+    from dispersive.train.checkpoint import list_checkpoints
 
     grid = _grid_file(
         tmp_path,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dispersive.checkpoint import list_checkpoints
 from dispersive.cli import main
+from dispersive.train.checkpoint import list_checkpoints
 from dispersive.train.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,7 @@ def test_cli_train_kill9_resume(tmp_path):
         proc.wait()
         proc.stderr.close()
     assert (run_dir / "config.toml").is_file()
+    assert (run_dir / "train.lock").is_file()  # left by the killed run: must not block the resume
 
     # Everything named ckpt-*.pt is complete and loads with weights_only=True.
     ckpts = list_checkpoints(run_dir)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dispersive.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from dispersive.errors import UserError
+from dispersive.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from dispersive.train.config import config_to_dict, load_config
 from dispersive.train.logging import read_metrics
 from dispersive.train.loop import train

@@ -69,9 +69,9 @@ def _sample_batch(model, config: dict, num: int, seed: int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dispersive.checkpoint import load_model
     from dispersive.errors import UserError
     from dispersive.eval.diagnostics import block_norms, norms_table, plot_norms
+    from dispersive.train.checkpoint import load_model
 
     if args.num < 1:
         raise UserError("--num must be >= 1")

@@ -71,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from dispersive.checkpoint import load_model, resolve_checkpoint
     from dispersive.errors import UserError
     from dispersive.eval.io import save_grid, save_npz, to_uint8
     from dispersive.generate import generate
+    from dispersive.train.checkpoint import load_model, resolve_checkpoint
     from dispersive.train.distributed import barrier, cleanup_distributed, init_distributed
 
     info = init_distributed(device=args.device)

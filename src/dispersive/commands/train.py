@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_run(args: argparse.Namespace):
     """``(cfg, run_dir, resume)`` from the parsed arguments; every user mistake is a UserError."""
-    from dispersive.checkpoint import latest_checkpoint
+    from dispersive.train.checkpoint import latest_checkpoint
     from dispersive.train.config import load_config
+    from dispersive.train.rundir import CONFIG_FILE, DONE_FILE
 
     if args.resume and args.config:
         raise UserError(
@@ -72,7 +73,7 @@ def resolve_run(args: argparse.Namespace):
                 f"--resume {run_dir}: no such run directory; give the RUN_DIR of an earlier "
                 "`dispersive train` run (it holds config.toml and checkpoints/)"
             )
-        cfg_file = run_dir / "config.toml"
+        cfg_file = run_dir / CONFIG_FILE
         if not cfg_file.is_file():
             raise UserError(
                 f"--resume {run_dir}: {cfg_file.name} is missing, so this is not a run directory "
@@ -94,7 +95,7 @@ def resolve_run(args: argparse.Namespace):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, outdir=args.outdir))
     run_dir = Path(cfg.train.outdir) / (cfg.train.run_name or Path(args.config).stem)
     if not args.dry_run and (
-        latest_checkpoint(run_dir) is not None or (run_dir / "done.json").exists()
+        latest_checkpoint(run_dir) is not None or (run_dir / DONE_FILE).exists()
     ):
         raise UserError(
             f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, "

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dispersive.atomic import atomic_write
 from dispersive.errors import UserError
 
 
@@ -129,9 +130,8 @@ def run(args: argparse.Namespace) -> int:
     feats, _ = _predict(net, x_train)
     outdir.mkdir(parents=True, exist_ok=True)
     weights = outdir / CLASSIFIER_FILE
-    tmp = weights.with_name(weights.name + ".tmp")
-    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, tmp)
-    tmp.replace(weights)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    atomic_write(weights, lambda f: torch.save(state, f))
     sha = sha256_file(weights)
     features_id = f"fashion-mnist:{sha[:16]}"
     save_statistics(outdir / REF_STATS_FILE, feature_statistics(feats, features_id=features_id))

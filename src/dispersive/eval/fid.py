@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dispersive.atomic import atomic_write
 from dispersive.errors import UserError
 
 __all__ = [
@@ -63,16 +64,13 @@ def feature_statistics(features: Tensor | np.ndarray, *, features_id: str = "") 
 
 def save_statistics(path: str | Path, stats: Statistics) -> None:
     """Write statistics as an .npz (``mu``, ``sigma``, ``num``, ``features``); no pickles."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        mu=stats.mu.astype(np.float64),
-        sigma=stats.sigma.astype(np.float64),
-        num=np.int64(stats.num),
-        features=np.str_(stats.features),
-    )
-    tmp.replace(path)
+    arrays = {
+        "mu": stats.mu.astype(np.float64),
+        "sigma": stats.sigma.astype(np.float64),
+        "num": np.int64(stats.num),
+        "features": np.str_(stats.features),
+    }
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def is_statistics_file(path: str | Path) -> bool:

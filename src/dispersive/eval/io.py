@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dispersive.atomic import atomic_write
 from dispersive.errors import UserError
 
 __all__ = [
@@ -78,11 +79,7 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = N
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must be ({images.shape[0]},); got {labels.shape}")
         arrays["arr_1"] = labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path: str | Path) -> np.ndarray:

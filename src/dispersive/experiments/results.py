@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dispersive.atomic import atomic_write
 from dispersive.experiments.grid import Arm, Grid, RunSpec
+from dispersive.train.rundir import DONE_FILE
 
 __all__ = [
     "RunResult",
@@ -104,7 +106,7 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
     for run in grid.runs:
         budget = steps[run.name]
         recs = read_metrics(run.run_dir)
-        done = _read_json(run.run_dir / "done.json") or {}
+        done = _read_json(run.run_dir / DONE_FILE) or {}
         reached = int(done.get("steps", max((int(r.get("step", 0)) for r in recs), default=0)))
         # Finished at this budget: done, or trained past it (another grid is extending it).
         res = RunResult(
@@ -366,6 +368,4 @@ def spec_text(spec: dict[str, Any]) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)

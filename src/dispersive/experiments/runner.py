@@ -32,6 +32,15 @@ from pathlib import Path
 
 from dispersive.errors import UserError
 from dispersive.experiments.grid import Grid, RunSpec, resolve_run_config, toml_literal
+from dispersive.train.rundir import (
+    CONFIG_FILE,
+    DONE_FILE,
+    FINAL_EVAL_DIR,
+    LOG_FILE,
+    SAMPLES_DIR,
+    write_json,
+)
+from dispersive.train.rundir import read_json as _read_json
 
 __all__ = [
     "RunStatus",
@@ -45,9 +54,6 @@ __all__ = [
     "final_eval_file",
 ]
 
-LOG_FILE = "log.txt"
-FINAL_EVAL_DIR = "final_eval"
-SAMPLES_DIR = "samples"
 GRID_SAMPLES = 64
 
 
@@ -76,13 +82,6 @@ class RunStatus:
     steps: int  # steps the grid asks for
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _post_done(grid: Grid, run: RunSpec, step: int) -> bool:
     spec = _read_json(run.run_dir / SAMPLES_DIR / "spec.json")
     if spec is None or int(spec.get("checkpoint_step", -1)) != step:
@@ -96,10 +95,10 @@ def _post_done(grid: Grid, run: RunSpec, step: int) -> bool:
 
 def run_status(grid: Grid, run: RunSpec, steps: int) -> RunStatus:
     """The state of one run on disk, for a grid that asks for ``steps`` training steps."""
-    from dispersive.checkpoint import list_checkpoints
+    from dispersive.train.checkpoint import list_checkpoints
 
     d = run.run_dir
-    done = _read_json(d / "done.json")
+    done = _read_json(d / DONE_FILE)
     ckpts = list_checkpoints(d) if d.is_dir() else []
     step = max([s for s, _ in ckpts], default=0)
     if done is not None:
@@ -111,7 +110,7 @@ def run_status(grid: Grid, run: RunSpec, steps: int) -> RunStatus:
         # Another grid is extending this run (or was stopped doing so): it passed this grid's
         # budget, whose samples and evaluations are kept. Resuming here would train to theirs.
         return RunStatus("done", step, steps)
-    if (d / "config.toml").is_file():
+    if (d / CONFIG_FILE).is_file():
         return RunStatus("resume", step, steps)
     return RunStatus("new", 0, steps)
 
@@ -269,7 +268,7 @@ def _pipeline_locked(grid: Grid, run: RunSpec, status: RunStatus, procs: _Procs,
         rc = procs.run([*cmd, "--no-progress", "--set", *sets], log=log, env=env)
         if rc != 0:
             return f"training exited with status {rc}"
-    done = _read_json(d / "done.json") or {}
+    done = _read_json(d / DONE_FILE) or {}
     step = int(done.get("steps", 0))
 
     spec = _read_json(d / SAMPLES_DIR / "spec.json")
@@ -326,9 +325,7 @@ def _final_eval(fe, d: Path, step: int, launch: list[str], procs: _Procs, log: P
     metrics = json.loads(lines[-1])
     record = {**metrics, "name": fe.name, "checkpoint_step": step,
               "sampler_spec": _read_json(out / "spec.json") or {}}  # fmt: skip
-    tmp = result_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(result_file)
+    write_json(result_file, record)
     (out / "samples.npz").unlink(missing_ok=True)  # large; the metrics and grid.png are kept
     return ""
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dispersive.atomic import atomic_write, fsync_dir
 from dispersive.errors import UserError
 
 __all__ = [
@@ -105,25 +106,7 @@ def read_meta(path: str | Path) -> dict:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def _shard_name(k: int) -> str:
@@ -142,9 +125,9 @@ def _save_shard(out_dir: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
             np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 @torch.no_grad()

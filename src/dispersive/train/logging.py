@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "read_metrics", "truncate_metrics"]
+from dispersive.atomic import atomic_write
+from dispersive.train.rundir import METRICS_FILE, TB_DIR
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["MetricsLogger", "read_metrics", "truncate_metrics"]
 
 
 def _jsonable(v: Any) -> Any:
@@ -50,9 +51,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class MetricsLogger:
@@ -92,7 +91,7 @@ class MetricsLogger:
             except ImportError:  # tensorboard is an optional extra; metrics.jsonl is enough
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step)
+                self._tb = SummaryWriter(log_dir=str(run_dir / TB_DIR), purge_step=initial_step)
         if progress:
             try:
                 from tqdm.auto import tqdm

@@ -26,7 +26,6 @@ from all ranks with a differentiable all-gather: the one-process objective on th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -36,7 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dispersive.checkpoint import (
+from dispersive.atomic import atomic_write
+from dispersive.errors import UserError
+from dispersive.train.checkpoint import (
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
@@ -46,7 +47,6 @@ from dispersive.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from dispersive.errors import UserError
 from dispersive.train.config import (
     Config,
     config_to_dict,
@@ -64,6 +64,7 @@ from dispersive.train.distributed import (
 )
 from dispersive.train.ema import EMA
 from dispersive.train.logging import MetricsLogger, truncate_metrics
+from dispersive.train.rundir import CONFIG_FILE, DONE_FILE, RunLock, write_json
 
 __all__ = ["train", "step_seed", "grouped_mean", "PROXY_NOTE"]
 
@@ -112,6 +113,9 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(cleanup_distributed, info)
         try:
+            # ---- One writer per run directory (a second --resume of a live run refuses) ------
+            if info.is_main:
+                cleanup.enter_context(RunLock(run_dir))
             # ---- Precision: TF32 matmuls and bf16 autocast on CUDA ---------------------------
             if device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -207,8 +211,8 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                     print(f"resuming {run_dir} from {where}", file=sys.stderr, flush=True)
             if info.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.toml").write_text(dump_toml(cfg))
-                (run_dir / "done.json").unlink(missing_ok=True)
+                atomic_write(run_dir / CONFIG_FILE, dump_toml(cfg))
+                (run_dir / DONE_FILE).unlink(missing_ok=True)
 
             # ---- Wrappers: DDP, then torch.compile (the tap is already registered) -----------
             train_model: Any = model
@@ -504,9 +508,7 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                 "final": last_record,
             }
             if info.is_main:
-                tmp = run_dir / "done.json.tmp"
-                tmp.write_text(json.dumps(summary, indent=2) + "\n")
-                tmp.replace(run_dir / "done.json")
+                write_json(run_dir / DONE_FILE, summary)
             return summary
         except BaseException as e:
             # A failing rank says so and exits non-zero; torchrun then stops the others, and
