@@ -347,6 +347,10 @@ def test_fashion_mnist_proxy_needs_fashion_mnist_shapes():
     )
     assert "eval.every = 0" in msg and "8x8x1" in msg
     apply_overrides(Config(), ["eval.every=5"])
+    # Inception features are for `dispersive eval`, not the in-training proxy.
+    msg = error_of(apply_overrides, Config(), ["eval.every=5", "eval.features='inception'"])
+    assert "eval.every = 0" in msg and "'inception'" in msg
+    apply_overrides(Config(), ["eval.features='inception'"])
 
 
 def test_folder_datasets_need_a_path():

@@ -107,6 +107,33 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+# Configs the training loop refused only after its process group was up; the one preflight
+# (shared by --dry-run, the experiment runner and the loop) now refuses them before any work.
+LOOP_CHECKS = {
+    "inception proxy": (["eval.every=10", 'eval.features="inception"'], "eval.every = 10"),
+    "ddpm contrastive": (
+        [
+            'model.name="DiT-XS/4"',
+            'objective.kind="ddpm"',
+            'sample.sampler="ddpm"',
+            'objective.two_view="restricted"',
+            "dispersive.contrastive=true",
+        ],
+        "dispersive.contrastive = true is implemented for objective.kind = 'flow'",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(LOOP_CHECKS))
+def test_dry_run_refuses_what_the_loop_refuses(case, tmp_path, capsys):
+    sets, expected = LOOP_CHECKS[case]
+    argv = [str(TINY), "--outdir", str(tmp_path), "--set", *SMALL, *sets]
+    assert main(["train", *argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _bad_config(tmp_path: Path) -> str:
     p = tmp_path / "bad.toml"
     p.write_text(f'extends = "{TINY.as_posix()}"\n[train]\nstpes = 3\n')

@@ -106,28 +106,19 @@ def resolve_run(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dispersive train``; returns the exit status."""
-    import torch
-
-    from dispersive.train.config import dump_toml, model_kwargs, per_device_batch, validate
+    from dispersive.train.config import dump_toml, per_device_batch, preflight
     from dispersive.train.distributed import env_world_size
 
     cfg, run_dir, resume = resolve_run(args)
     world = env_world_size()
     is_main = os.environ.get("RANK", "0") == "0"
-    per_device_batch(cfg, world)  # the batch must divide by the number of ranks
-
-    # Check the config against the model's structure (layer names, kind) on the meta device:
-    # no memory and no weights, so this is instant even for XL models.
-    from dispersive.models import build
-
-    with torch.device("meta"):
-        meta_model = build(**model_kwargs(cfg.model))
-    validate(cfg, world_size=world, model=meta_model)
-    del meta_model
-
+    local_batch = per_device_batch(cfg, world)
+    if args.dry_run:
+        # The loop's own checks: train() makes them (once) before its process group is up.
+        preflight(cfg, world_size=world)
     if is_main:
         print(f"# run directory: {run_dir}{' (resume)' if resume else ''}")
-        print(f"# world size {world}, per-device batch {cfg.train.global_batch // world}")
+        print(f"# world size {world}, per-device batch {local_batch}")
         print(dump_toml(cfg), end="", flush=True)
     if args.dry_run:
         if is_main:

@@ -124,10 +124,7 @@ def check_grid(grid: Grid) -> dict[str, object]:
     Raises:
         UserError: the first run whose config is wrong, naming the run.
     """
-    import torch
-
-    from dispersive.models import build
-    from dispersive.train.config import model_kwargs, validate
+    from dispersive.train.config import meta_model, model_kwargs, preflight
 
     cfgs: dict[str, object] = {}
     models: dict[str, object] = {}
@@ -135,10 +132,9 @@ def check_grid(grid: Grid) -> dict[str, object]:
         cfg = resolve_run_config(grid, run)
         key = json.dumps(model_kwargs(cfg.model), sort_keys=True, default=str)
         if key not in models:
-            with torch.device("meta"):
-                models[key] = build(**model_kwargs(cfg.model))
+            models[key] = meta_model(cfg.model)
         try:
-            validate(cfg, world_size=grid.nproc, model=models[key])
+            preflight(cfg, world_size=grid.nproc, model=models[key])
         except UserError as e:
             raise UserError(f"run {run.name} of {grid.path.name}: {e}") from None
         cfgs[run.name] = cfg

@@ -54,6 +54,8 @@ __all__ = [
     "config_from_dict",
     "dump_toml",
     "validate",
+    "preflight",
+    "meta_model",
     "per_device_batch",
     "dispersive_group_size",
     "model_kwargs",
@@ -594,6 +596,36 @@ _SAMPLERS_BY_KIND = {
 }
 
 
+def meta_model(model_cfg: ModelConfig) -> Any:
+    """The config's model on the meta device: its structure (layer names, kind) without memory
+    or weights, so that building it is instant even for XL models."""
+    import torch
+
+    from dispersive.models import build  # lazy: reading a config needs no model code
+
+    with torch.device("meta"):
+        return build(**model_kwargs(model_cfg))
+
+
+def preflight(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
+    """Every check the training loop makes, before any work starts (no process group, no data).
+
+    The one check shared by ``dispersive train`` (also ``--dry-run``), the experiment runner
+    and :func:`dispersive.train.loop.train`: :func:`validate` against the model built on the
+    meta device for ``world_size`` ranks.
+
+    Args:
+        cfg: the resolved config.
+        world_size: number of ranks the run will use.
+        model: the model to check against (default: :func:`meta_model` of ``cfg.model``); a
+            caller checking many configs of one model can build it once.
+
+    Raises:
+        UserError: a one-line message naming the problem and the fix.
+    """
+    validate(cfg, world_size=world_size, model=meta_model(cfg.model) if model is None else model)
+
+
 def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
     """Check every value and the cross-field rules; call before any work starts.
 
@@ -663,23 +695,23 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
             f"(got '{obj.kind}'); remove objective.path"
         )
 
-    # In-training proxy FID: the shipped domain network sees 28x28x1 images.
-    if (
-        cfg.eval.every > 0
-        and cfg.eval.features == "fashion-mnist"
-        and (
-            m.input_size,
-            m.in_channels,
-        )
-        != (28, 1)
-    ):
+    # In-training proxy FID: the shipped domain network (eval.features = 'fashion-mnist') sees
+    # 28x28x1 images; Inception features are for `dispersive eval` on a sample file.
+    image = (m.input_size, m.in_channels)
+    if cfg.eval.every > 0 and (cfg.eval.features != "fashion-mnist" or image != (28, 1)):
         raise UserError(
-            f"eval.every = {cfg.eval.every} with eval.features = 'fashion-mnist' needs 28x28x1 "
-            f"samples, but the model makes {m.input_size}x{m.input_size}x{m.in_channels}; set "
-            "eval.every = 0 or eval.features = 'inception'"
+            f"eval.every = {cfg.eval.every} computes the in-training proxy FID, which needs "
+            f"eval.features = 'fashion-mnist' and 28x28x1 samples (got '{cfg.eval.features}', "
+            f"{m.input_size}x{m.input_size}x{m.in_channels}); set eval.every = 0 and evaluate "
+            "samples with `dispersive eval`"
         )
 
     # Dispersive term.
+    if disp.contrastive and obj.kind != "flow":
+        raise UserError(
+            f"dispersive.contrastive = true is implemented for objective.kind = 'flow' "
+            f"(got '{obj.kind}'); set dispersive.contrastive = false"
+        )
     if disp.contrastive and obj.two_view == "none":
         raise UserError(
             "dispersive.contrastive = true needs two noisy views; set objective.two_view = "

@@ -54,7 +54,7 @@ from dispersive.train.config import (
     dump_toml,
     model_kwargs,
     per_device_batch,
-    validate,
+    preflight,
 )
 from dispersive.train.distributed import (
     all_reduce_mean,
@@ -104,8 +104,9 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
     wall_start = time.perf_counter()
     tr, opt_cfg, disp, obj = cfg.train, cfg.optim, cfg.dispersive, cfg.objective
 
-    # ---- Distributed setup --------------------------------------------------------------------
-    # The batch check runs before any process group exists, so every rank fails the same way.
+    # ---- Checks, then distributed setup --------------------------------------------------------
+    # Every check runs before any process group exists, so every rank fails the same way.
+    preflight(cfg, world_size=env_world_size())
     local_batch = per_device_batch(cfg, env_world_size())
     info = init_distributed(device=tr.device, timeout_s=tr.dist_timeout_s)
     rank, world, device = info.rank, info.world_size, info.device
@@ -126,24 +127,9 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                     device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"
                 )
 
-            # ---- Checks the config loader cannot make (they depend on this loop) ------------
-            if disp.contrastive and obj.kind != "flow":
-                raise UserError(
-                    f"dispersive.contrastive = true is implemented for objective.kind = 'flow' "
-                    f"(got '{obj.kind}'); set dispersive.contrastive = false"
-                )
-            image = (cfg.model.in_channels, cfg.model.input_size)
-            if cfg.eval.every and (cfg.eval.features != "fashion-mnist" or image != (1, 28)):
-                raise UserError(
-                    f"eval.every = {cfg.eval.every} computes the in-training proxy FID, which "
-                    "needs 1x28x28 images and eval.features = 'fashion-mnist'; set eval.every = 0 "
-                    "and evaluate samples with `dispersive eval`"
-                )
-
-            # ---- Model, checked against the config (layer names, kind) ----------------------
+            # ---- Model -----------------------------------------------------------------------
             torch.manual_seed(tr.seed)  # the same initial weights on every rank
             model = build(**model_kwargs(cfg.model)).to(device)
-            validate(cfg, world_size=world, model=model)
             model.train()
             num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
             torch.manual_seed(step_seed(tr.seed, rank, 1))  # per-rank global RNG (if used)
