@@ -22,8 +22,10 @@ demo: setup data
 bench: setup data
 	.venv/bin/python benchmarks/run_all.py
 
-# The Fashion-MNIST study of docs/results.md: one queue over five grids, shared runs trained
-# once (hours on 2 cores; resumable: run it again to continue).
+# The Fashion-MNIST study of docs/results.md: one queue over five grids (hours on 2 cores;
+# resumable: run it again to continue). The kept runs of results/ are restored first, each
+# pool to its own folder, and count as finished: what this continues is what the study has not
+# run yet (the contrastive grid, seed 2 of the long grid); no kept run is trained again.
 study: setup data
 	bash scripts/study-runs.sh restore
 	.venv/bin/dispersive experiment configs/experiments/fmnist-variants.toml \
@@ -31,6 +33,7 @@ study: setup data
 	  configs/experiments/fmnist-blocks.toml configs/experiments/fmnist-long.toml \
 	  --jobs 2 --threads 1
 
-# Keep the study's finished runs (without checkpoints) in results/ for the next machine.
+# Keep the study's finished runs (without checkpoints) in results/ for the next machine. Never
+# replaces a kept run: a rerun that differs from its kept copy is refused (exit status 1).
 study-save:
 	bash scripts/study-runs.sh save

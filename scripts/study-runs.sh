@@ -1,64 +1,132 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST study's finished runs, kept in the repository without their checkpoints,
 # so that the study (hours on 2 cores) can span machines and sessions and docs/results.md can
-# be regenerated from what is committed.
-#   scripts/study-runs.sh save          runs/experiments/fmnist-runs -> results/fmnist-runs
-#   scripts/study-runs.sh restore       results/fmnist-runs -> runs/experiments/fmnist-runs
-#   scripts/study-runs.sh save-long     runs trained past 4,000 steps -> results/fmnist-long-runs
-#   scripts/study-runs.sh restore-long  results/fmnist-long-runs -> runs/experiments/fmnist-runs
-# A restored run counts as finished (done.json, samples, metrics). Its checkpoints are not
-# kept, so extending it to a longer budget (fmnist-long.toml) trains it again from step 0, and
-# the retrained run is not bit-identical on another host: the long runs are kept apart so that
-# the 4,000-step tables keep their runs. restore-long before restore on a clean runs/ folder
-# gives the long grid's report (restore never overwrites a live run).
+# be regenerated from what is committed. Each grid's runs live in a pool of their own
+# ([experiment] shared_runs), kept under the same name:
+#   runs/experiments/fmnist-runs       <-> results/fmnist-runs       (Tables 2-4, 4,000 steps)
+#   runs/experiments/fmnist-long-runs  <-> results/fmnist-long-runs  (fmnist-long, 12,000 steps)
+#   runs/experiments/fmnist-screen-runs, ...-confirm-runs, ...       (the later grids)
+#
+#   scripts/study-runs.sh save [POOL...]     finished live runs -> results/POOL (default: every
+#                                            runs/experiments/fmnist-*runs pool)
+#   scripts/study-runs.sh restore [POOL...]  results/POOL -> runs/experiments/POOL (default:
+#                                            every results/fmnist-*runs pool)
+#   scripts/study-runs.sh save-long | restore-long   the same for fmnist-long-runs alone
+#
+# Neither direction overwrites anything. restore never replaces a live run. save never
+# replaces a kept run: a live run whose files match its kept copy only adds the files the copy
+# lacks (a new final evaluation, say); one whose files differ (retrained on another host,
+# extended, resumed) is refused with a message and the exit status is 1, so that no committed
+# number changes behind the tables' back. A restored run counts as finished (done.json,
+# samples, metrics) but has no checkpoints: the runner refuses to extend it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-live=runs/experiments/fmnist-runs
-kept=results/fmnist-runs
-kept_long=results/fmnist-long-runs
-budget=4000  # the 4,000-step grids' train.steps
+live_root=runs/experiments
+kept_root=results
 root=$PWD
 
-# Copy one finished run's small files (config, metrics, logs, sample grid and spec, final
-# evaluations) to $2.
-keep() {
-  mkdir -p "$2"
+# The files of one run folder that are kept: all but checkpoints, TensorBoard events, sample
+# files (.npz), the runner's lock and temporary files. NUL-separated paths relative to $1.
+kept_files() {
   (cd "$1" && find . -type f ! -path './checkpoints/*' ! -path './tb/*' ! -name '*.npz' \
-    ! -name '.lock' -print0 | xargs -0 -I{} cp --parents {} "$root/$2/")
+    ! -name '*.lock' ! -name '*.tmp' -print0)
 }
 
-steps_of() {  # the steps a finished run was trained for (done.json)
-  grep -o '"steps": *[0-9]*' "$1/done.json" | grep -o '[0-9]*$'
+# Copy one finished run's kept files to $2, never replacing a kept file. Prints "new",
+# "same", "added" or "differs: FILES".
+keep() {
+  local src=$1 dst=$2 f differ=() missing=() fresh=0
+  if [ ! -d "$dst" ]; then
+    mkdir -p "$dst"
+    kept_files "$src" | (cd "$src" && xargs -0 -r -I{} cp --parents {} "$root/$dst/")
+    echo new
+    return
+  fi
+  while IFS= read -r -d '' f; do
+    if [ -e "$dst/$f" ]; then
+      cmp -s "$src/$f" "$dst/$f" || differ+=("${f#./}")
+    else
+      fresh=1
+    fi
+  done < <(kept_files "$src")
+  while IFS= read -r -d '' f; do
+    [ -e "$src/$f" ] || missing+=("${f#./} (gone)")
+  done < <(kept_files "$dst")
+  if [ ${#differ[@]} -gt 0 ] || [ ${#missing[@]} -gt 0 ]; then
+    echo "differs: ${differ[*]} ${missing[*]}"
+    return
+  fi
+  if [ "$fresh" = 1 ]; then
+    while IFS= read -r -d '' f; do
+      [ -e "$dst/$f" ] || (cd "$src" && cp --parents "$f" "$root/$dst/")
+    done < <(kept_files "$src")
+    echo added
+  else
+    echo same
+  fi
 }
 
-restore_from() {
-  [ -d "$1" ] || return 0
-  mkdir -p "$live"
-  for d in "$1"/*/; do
+save_pool() {  # $1: pool name
+  local live=$live_root/$1 kept=$kept_root/$1 d run what n_new=0 n_same=0 n_added=0 n_bad=0
+  [ -d "$live" ] || return 0
+  for d in "$live"/*/; do
+    [ -f "$d/done.json" ] || continue  # unfinished runs resume from their checkpoints
     run=$(basename "$d")
-    [ -e "$live/$run" ] || cp -r "$d" "$live/$run"  # never overwrite a live run
+    what=$(keep "$d" "$kept/$run")
+    case "$what" in
+      new) n_new=$((n_new + 1)) ;;
+      same) n_same=$((n_same + 1)) ;;
+      added) n_added=$((n_added + 1)) ;;
+      *)
+        n_bad=$((n_bad + 1))
+        echo "NOT saved: $d differs from its kept copy $kept/$run (${what#differs: });" \
+          "a kept run is never overwritten: keep the new run in another pool, or remove the" \
+          "kept copy by hand (git rm) if it is meant to go" >&2
+        ;;
+    esac
   done
+  echo "$1: $n_new new, $n_added with new files, $n_same unchanged, $n_bad refused;" \
+    "$(find "$kept" -name done.json 2>/dev/null | wc -l) finished run(s) kept in $kept"
+  [ "$n_bad" = 0 ]
 }
 
-case "${1:-}" in
-  save)
-    for d in "$live"/*/; do
-      [ -f "$d/done.json" ] || continue  # unfinished runs resume from their checkpoints
-      keep "$d" "$kept/$(basename "$d")"
+restore_pool() {  # $1: pool name
+  local kept=$kept_root/$1 live=$live_root/$1 d run n=0
+  [ -d "$kept" ] || return 0
+  mkdir -p "$live"
+  for d in "$kept"/*/; do
+    run=$(basename "$d")
+    if [ ! -e "$live/$run" ]; then  # never overwrite a live run
+      cp -r "$d" "$live/$run"
+      n=$((n + 1))
+    fi
+  done
+  echo "$1: restored $n run(s) to $live"
+}
+
+pools_in() {  # the fmnist-*runs pools under $1
+  local p
+  for p in "$1"/fmnist-*runs; do [ -d "$p" ] && basename "$p"; done
+  return 0
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  save | restore)
+    if [ $# -gt 0 ]; then pools=("$@"); else
+      mapfile -t pools < <(pools_in "$([ "$cmd" = save ] && echo "$live_root" || echo "$kept_root")")
+    fi
+    status=0
+    for p in "${pools[@]}"; do
+      "${cmd}_pool" "$p" || status=1
     done
-    echo "saved $(find "$kept" -name done.json | wc -l) finished run(s) to $kept"
+    exit $status
     ;;
-  save-long)
-    for d in "$live"/*/; do
-      [ -f "$d/done.json" ] && [ "$(steps_of "$d")" -gt "$budget" ] || continue
-      keep "$d" "$kept_long/$(basename "$d")"
-    done
-    echo "saved $(find "$kept_long" -name done.json | wc -l) long run(s) to $kept_long"
-    ;;
-  restore) restore_from "$kept" ;;
-  restore-long) restore_from "$kept_long" ;;
+  save-long) save_pool fmnist-long-runs ;;
+  restore-long) restore_pool fmnist-long-runs ;;
   *)
-    echo "usage: $0 save|restore|save-long|restore-long" >&2
+    echo "usage: $0 save|restore [POOL...] | save-long | restore-long" >&2
     exit 2
     ;;
 esac

@@ -388,6 +388,7 @@ def test_a_run_trained_further_by_another_grid_is_read_at_this_grids_budget(tmp_
 
 
 def test_grids_share_one_queue_and_extend_shared_runs_once(tmp_path):
+    from dispersive.train.checkpoint import checkpoint_path
     from dispersive.experiments.runner import build_queue
 
     def grid(name: str, steps: int, arms: str):
@@ -414,6 +415,13 @@ def test_grids_share_one_queue_and_extend_shared_runs_once(tmp_path):
     _fake_run(short.runs[0].run_dir, fid=10.0, steps=4, reached=4, done=True)
     (short.runs[0].run_dir / "samples").mkdir()
     (short.runs[0].run_dir / "samples" / "spec.json").write_text('{"checkpoint_step": 4}')
+    # Without a checkpoint at its last step (a copy kept in results/), extending it would
+    # retrain it from step 0 in place: refused, before anything runs.
+    with pytest.raises(UserError, match="no checkpoint there.*own.*shared_runs"):
+        build_queue(grids, cfgs)
+    ckpt = checkpoint_path(short.runs[0].run_dir, 4)
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
     queue, pending = build_queue(grids, cfgs)
     assert [(g.name, r.arm.name, n) for g, r, n in queue] == [("a", "l2", 4), ("c", "baseline", 8)]
     assert pending[also.path] == []

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study-runs.sh"
 
@@ -30,14 +31,15 @@ def _tree(root: Path) -> Path:
     return live
 
 
-def _run(root: Path, what: str) -> str:
-    cmd = ["bash", str(root / "scripts" / SCRIPT.name), what]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+def _run(root: Path, *what: str, check: bool = True) -> str:
+    cmd = ["bash", str(root / "scripts" / SCRIPT.name), *what]
+    out = subprocess.run(cmd, check=check, capture_output=True, text=True)
+    return out.stdout + out.stderr
 
 
 def test_save_keeps_finished_runs_without_checkpoints_and_restore_brings_them_back(tmp_path):
     live = _tree(tmp_path)
-    assert "saved 1 finished run(s)" in _run(tmp_path, "save")
+    assert "fmnist-runs: 1 new, 0 with new files, 0 unchanged, 0 refused" in _run(tmp_path, "save")
     kept = tmp_path / "results" / "fmnist-runs"
     assert sorted(p.name for p in kept.iterdir()) == ["aaa-s0"]  # bbb is still training
     files = {p.relative_to(kept / "aaa-s0").as_posix() for p in kept.rglob("*") if p.is_file()}
@@ -53,19 +55,50 @@ def test_save_keeps_finished_runs_without_checkpoints_and_restore_brings_them_ba
     assert (live / "bbb-s0" / "metrics.jsonl").read_text() == '{"step": 1000}\n'
 
 
-def test_save_long_keeps_only_runs_trained_past_the_4000_step_budget(tmp_path):
+def test_save_never_overwrites_a_kept_run(tmp_path):
     live = _tree(tmp_path)
-    long = live / "ccc-s0"
-    shutil.copytree(live / "aaa-s0", long)
-    (long / "done.json").write_text('{"steps": 12000}')
-    assert "saved 1 long run(s)" in _run(tmp_path, "save-long")
-    kept = tmp_path / "results" / "fmnist-long-runs"
-    assert sorted(p.name for p in kept.iterdir()) == ["ccc-s0"]
-    assert not (kept / "ccc-s0" / "checkpoints").exists()
+    _run(tmp_path, "save")
+    kept = tmp_path / "results" / "fmnist-runs" / "aaa-s0"
+    before = {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    # Saving again changes nothing; a new file (a final evaluation) is added beside the rest.
+    assert "0 new, 0 with new files, 1 unchanged, 0 refused" in _run(tmp_path, "save")
+    (live / "aaa-s0" / "final_eval").mkdir()
+    (live / "aaa-s0" / "final_eval" / "5k-step500.json").write_text("{}")
+    assert "1 with new files" in _run(tmp_path, "save")
+    assert (kept / "final_eval" / "5k-step500.json").is_file()
+    # A rerun that differs (another host, extended, resumed) is refused, loudly, and the kept
+    # files stay byte for byte.
+    (live / "aaa-s0" / "metrics.jsonl").write_text('{"step": 500, "proxy_fid": 1.0}\n')
+    out = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / SCRIPT.name), "save"], capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    assert "NOT saved" in out.stderr and "metrics.jsonl" in out.stderr
+    assert all(p.read_bytes() == b for p, b in before.items())
+    # A kept file that the live run no longer has is a difference too.
+    (live / "aaa-s0" / "metrics.jsonl").write_bytes(before[kept / "metrics.jsonl"])
+    (live / "aaa-s0" / "samples" / "grid.png").unlink()
+    assert "grid.png (gone)" in _run(tmp_path, "save", check=False)
+
+
+def test_each_pool_is_saved_and_restored_under_its_own_name(tmp_path):
+    live = _tree(tmp_path)
+    long_pool = live.parent / "fmnist-long-runs"
+    shutil.copytree(live / "aaa-s0", long_pool / "aaa-s0")
+    (long_pool / "aaa-s0" / "done.json").write_text('{"steps": 12000}')
+    out = _run(tmp_path, "save")
+    assert "fmnist-long-runs: 1 new" in out and "fmnist-runs: 1 new" in out
+    kept = tmp_path / "results"
+    assert (kept / "fmnist-long-runs" / "aaa-s0" / "done.json").read_text() == '{"steps": 12000}'
+    assert (kept / "fmnist-runs" / "aaa-s0" / "done.json").read_text() == '{"steps": 500}'
+    assert not (kept / "fmnist-long-runs" / "aaa-s0" / "checkpoints").exists()
 
     shutil.rmtree(tmp_path / "runs")
     _run(tmp_path, "restore-long")
-    assert (live / "ccc-s0" / "done.json").read_text() == '{"steps": 12000}'
+    assert (long_pool / "aaa-s0" / "done.json").read_text() == '{"steps": 12000}'
+    assert not live.exists()  # the 4,000-step pool is left alone
+    _run(tmp_path, "restore")
+    assert (live / "aaa-s0" / "done.json").read_text() == '{"steps": 500}'
 
 
 def _study_tables():
@@ -164,3 +197,79 @@ def test_long_table_gives_the_gap_per_seed_and_its_mean_over_seeds_with_both_arm
     assert rows[0].count("seed ") == 2  # no column for the hinge run's seed 2
     assert rows[2] == "| 1,000 | 80.0 / 90.0 (+10.0) | 70.0 / 74.0 (+4.0) | +7.0 (2) |"
     assert rows[3] == "| 2,000 | 50.0 / 48.0 (-2.0) | 40.0 / – | -2.0 (1) |"
+
+
+def _host(run_dir: Path, key: str, session: str) -> None:
+    import json
+
+    seg = {"key": key, "session": session, "from_step": 0}
+    (run_dir / "host.json").write_text(json.dumps({"segments": [seg]}))
+
+
+def test_paired_statistics_pair_only_runs_of_one_host_and_session(tmp_path):
+    import json
+
+    from scipy.stats import t
+
+    from dispersive.experiments.grid import load_grid
+    from dispersive.experiments.results import arm_stats, collect, markdown_table
+
+    tiny = SCRIPT.parents[1] / "configs" / "tiny.toml"
+    f = tmp_path / "g.toml"
+    f.write_text(
+        f'[experiment]\nconfig = "{tiny}"\nseeds = [0, 1, 2, 3, 4]\n'
+        '[[arm]]\nname = "baseline"\nset = { "dispersive.weight" = 0.0 }\n'
+        '[[arm]]\nname = "l2"\nset = { "dispersive.weight" = 0.5 }\n'
+        '[[arm]]\nname = "hinge"\nset = { "dispersive.weight" = 0.5, '
+        '"dispersive.variant" = "hinge" }\n'
+    )
+    g = load_grid(f, outdir=tmp_path / "out")
+    fid = {"baseline": [30.0, 31.0, 29.0, 30.0, 30.0], "l2": [32.0, 30.0, 33.5, 31.0, 50.0]}
+    fid["hinge"] = [30.5, 31.5, 29.5, 30.5, 30.5]
+    for r in g.runs:
+        d = r.run_dir
+        d.mkdir(parents=True)
+        rec = {"step": 6, "loss_diff": 0.1, "floor_gap": 0.25, "proxy_fid": fid[r.arm.name][r.seed]}
+        (d / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+        (d / "done.json").write_text('{"steps": 6}')
+        if r.seed in (0, 1, 2):  # one host, one session
+            _host(d, "cpu A | f | 2.13 | 1", "s1")
+        if r.seed == 3 and r.arm.name != "l2":  # l2 of seed 3: host not recorded
+            _host(d, "cpu A | f | 2.13 | 1", "s1")
+        if r.seed == 4:  # the arms on another host than their baseline: no pair
+            _host(d, "cpu B | g | 2.13 | 1", "s2") if r.arm.name != "baseline" else _host(
+                d, "cpu A | f | 2.13 | 1", "s3"
+            )
+    stats = {s.arm.name: s for s in arm_stats(g, collect(g, {r.name: 6 for r in g.runs}))}
+    l2 = stats["l2"]
+    diffs = np.array([2.0, -1.0, 4.5, 1.0])  # seeds 0-3; seed 4 (+20) is not a pair
+    assert (l2.shared, l2.unpaired, l2.host_unknown, l2.wins) == (4, 1, 1, 1)
+    assert l2.paired_mean == pytest.approx(diffs.mean())
+    sd = diffs.std(ddof=1)
+    assert l2.paired_std == pytest.approx(sd)
+    # t quantile for 3 degrees of freedom, two-sided 95%: 3.182446 (tables).
+    assert l2.paired_ci == pytest.approx(3.182446 * sd / 2.0, rel=1e-6)
+    assert l2.paired_ci == pytest.approx(t.ppf(0.975, 3) * sd / 2.0)
+    assert len(l2.values) == 5  # the unpaired seed still counts for the arm's own mean
+    table = markdown_table(g, list(stats.values()), metric_label="proxy FID").splitlines()
+    row = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    lo, hi = diffs.mean() - l2.paired_ci, diffs.mean() + l2.paired_ci
+    assert f"[{lo:+.2f}, {hi:+.2f}] (1/4) † (1 unpaired: other host/session)" in row["l2"]
+    # The floor gap is an InfoNCE-l2 statistic: n/a for the hinge arm, shown for the others.
+    assert row["hinge"].endswith("| n/a |") and row["l2"].endswith("| 0.250 |")
+    assert row["**baseline**"].endswith("| 0.250 |")
+
+
+def test_the_runner_records_the_host_of_every_training_stage(tmp_path):
+    from dispersive.experiments.results import host_of
+    from dispersive.experiments.runner import _record_host, host_info
+
+    info = host_info(1)
+    assert info["threads"] == 1 and info["cpu"] and info["torch"]
+    assert info["key"].endswith(" | 1") and info["torch"] in info["key"]
+    assert len(info["host"]) == 12  # a hash, not the host name
+    _record_host(tmp_path, 0, 1)
+    _record_host(tmp_path, 500, 1)  # resumed in the same session
+    key, sessions = host_of(tmp_path)
+    assert key == info["key"] and sessions == {info["session"]}
+    assert host_of(tmp_path / "nothing") == (None, frozenset())

@@ -126,15 +126,28 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         "",
         "## Results",
         "",
-        f"Mean ± standard deviation over seeds of {label}. Δ vs baseline is the relative change "
-        "of the means (negative = better, as in the paper's tables); paired Δ is the mean ± std "
-        "over shared seeds of (arm − baseline) with the same seed, and how many seeds the arm "
-        "was better. loss_diff and the floor gap (L_disp + log B: 0 = pinned at the floor) are "
-        "the last logged training values, averaged over seeds.",
+        f"Mean ± sample SD (ddof 1) over seeds of {label}. Δ vs baseline is the relative change "
+        "of the means (negative = better, as in the paper's tables); paired Δ is the mean ± SD "
+        "over paired seeds of (arm − baseline) with the same seed, its t-based 95% confidence "
+        "interval, and how many pairs the arm was better. A seed pairs only when both runs "
+        "trained on the same host in the same session (`host.json`); other seeds are counted as "
+        "unpaired, and † marks pairs of runs whose host was not recorded. loss_diff and the "
+        "floor gap (the InfoNCE-l2 statistic + log B: 0 = pinned at the floor; n/a for the other "
+        "variants) are the last logged training values, averaged over seeds.",
         "",
         markdown_table(grid, stats, metric_label=label),
         "",
     ]
+    others = _other_metrics(grid, results, key)
+    if others:
+        lines += [
+            "### Every final-evaluation metric",
+            "",
+            "Mean ± sample SD over seeds (relative change of the mean against the baseline).",
+            "",
+            others,
+            "",
+        ]
     pivot = pivot_table(grid, stats)
     if pivot:
         lines += [

@@ -3,9 +3,15 @@
 Per arm and over seeds: mean and sample standard deviation (ddof = 1) of the metric, the
 relative change of the mean against the baseline arm (paper Tables 2-5: ``(m - m_base) /
 m_base``), and the *paired* difference over the seeds both arms share (same seed = same
-initial weights, data order and noise): its mean, standard deviation and the number of seeds
-where the arm is better. Only runs that reached the grid's step budget enter the statistics;
-the others are counted as started but unfinished, or as not run yet.
+initial weights, data order and noise): its mean, standard deviation, t-based 95% confidence
+interval and the number of seeds where the arm is better. Only runs that reached the grid's step
+budget enter the statistics; the others are counted as started but unfinished, or as not run yet.
+
+A seed is a pair only when both runs trained on the same host in the same session (their
+``host.json``, written by the runner): reruns of one seed on another host drift apart by as
+much as the seed spread, so a cross-host "pair" is not one. Such seeds are left out of the
+paired statistics and counted as unpaired; runs from before host recording are paired by seed
+and flagged (``host_unknown``).
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ __all__ = [
     "csv_text",
     "runs_csv_text",
     "fmt",
+    "host_of",
     "metric_key",
+    "pair_kind",
     "spec_text",
+    "t_ci_halfwidth",
 ]
 
 
@@ -54,6 +63,44 @@ class RunResult:
     acc_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, proxy_acc)
     final: dict[str, Any] = field(default_factory=dict)  # last logged training record
     wall_time_s: float | None = None
+    host: str | None = None  # host key (host_of); None = not recorded, "mixed" = several
+    sessions: frozenset[str] = frozenset()
+
+
+def host_of(run_dir: Path) -> tuple[str | None, frozenset[str]]:
+    """The host key and sessions a run trained in, from its ``host.json``.
+
+    Returns ``(None, {})`` for a run without the file (trained before the runner recorded
+    hosts), ``("mixed", sessions)`` for a run resumed on another kind of host.
+    """
+    from dispersive.experiments.runner import HOST_FILE, _read_json
+
+    rec = _read_json(Path(run_dir) / HOST_FILE) or {}
+    segs = [s for s in rec.get("segments", []) if isinstance(s, dict)]
+    if not segs:
+        return None, frozenset()
+    keys = {str(s.get("key")) for s in segs}
+    sessions = frozenset(str(s.get("session")) for s in segs)
+    return (keys.pop() if len(keys) == 1 else "mixed"), sessions
+
+
+def pair_kind(a: RunResult, b: RunResult) -> str:
+    """How two runs of one seed compare: "pair" (same host and a shared session), "unknown"
+    (a host not recorded: paired by seed, flagged) or "unpaired" (different hosts/sessions)."""
+    if a.host is None or b.host is None:
+        return "unknown"
+    if a.host == b.host != "mixed" and a.sessions & b.sessions:
+        return "pair"
+    return "unpaired"
+
+
+def t_ci_halfwidth(sd: float | None, n: int, level: float = 0.95) -> float | None:
+    """Half-width of the two-sided t confidence interval of a mean: t_{n-1} * sd / sqrt(n)."""
+    if sd is None or n < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
 
 
 @dataclass
@@ -64,14 +111,17 @@ class ArmStats:
     mean: float | None
     std: float | None
     rel_change: float | None  # vs baseline mean, in percent
-    paired_mean: float | None  # mean over shared seeds of (arm - baseline)
+    paired_mean: float | None  # mean over paired seeds of (arm - baseline)
     paired_std: float | None
-    wins: int  # shared seeds where the arm is better
-    shared: int  # shared seeds with the baseline
+    wins: int  # paired seeds where the arm is better
+    shared: int  # paired seeds (same host and session, or host not recorded)
     unfinished: int  # runs not finished, whether started or not
     not_started: int  # of those, runs with no trained step on disk
     final_means: dict[str, float]  # mean of selected final training values
     acc_mean: float | None
+    paired_ci: float | None = None  # half-width of the t-based 95% CI of paired_mean
+    unpaired: int = 0  # seeds of both arms left out: trained on different hosts or sessions
+    host_unknown: int = 0  # paired seeds whose host was not recorded (paired by seed only)
 
 
 def _finite(x: Any) -> bool:
@@ -113,6 +163,7 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
             run, budget, reached, (bool(done) and reached >= budget) or reached > budget
         )
         res.wall_time_s = done.get("wall_time_s")
+        res.host, res.sessions = host_of(run.run_dir)
         # A run that another grid trained further is read at this grid's budget.
         recs = [r for r in recs if int(r.get("step", 0)) <= budget]
         res.curve = [(int(r["step"]), r["proxy_fid"]) for r in recs if _finite(r.get("proxy_fid"))]
@@ -168,6 +219,9 @@ def arm_stats(grid: Grid, results: list[RunResult], key: str | None = None) -> l
         return {r.run.seed: r.values[key] for r in by_arm.get(name, [])
                 if r.finished and key in r.values}  # fmt: skip
 
+    def run_of(name: str) -> dict[int, RunResult]:
+        return {r.run.seed: r for r in by_arm.get(name, [])}
+
     stats = []
     for arm in grid.arms:
         ref = arm.baseline or grid.baseline
@@ -180,8 +234,12 @@ def arm_stats(grid: Grid, results: list[RunResult], key: str | None = None) -> l
         rel = None
         if mean is not None and base_mean:
             rel = 100.0 * (mean - base_mean) / base_mean
-        shared = sorted(set(vals) & set(base))
+        common = sorted(set(vals) & set(base))
+        mine, theirs = run_of(arm.name), run_of(ref) if base else {}
+        kinds = {s: pair_kind(mine[s], theirs[s]) for s in common}
+        shared = [s for s in common if kinds[s] != "unpaired"]
         diffs = [vals[s] - base[s] for s in shared]
+        paired_std = statistics.stdev(diffs) if len(diffs) > 1 else None
         finals: dict[str, float] = {}
         for k in _FINAL_KEYS:
             xs = [r.final[k] for r in runs if r.finished and _finite(r.final.get(k))]
@@ -192,7 +250,9 @@ def arm_stats(grid: Grid, results: list[RunResult], key: str | None = None) -> l
             ArmStats(
                 arm=arm, key=key, values=vals, mean=mean, std=std, rel_change=rel,
                 paired_mean=statistics.fmean(diffs) if diffs else None,
-                paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
+                paired_std=paired_std, paired_ci=t_ci_halfwidth(paired_std, len(diffs)),
+                unpaired=len(common) - len(shared),
+                host_unknown=sum(kinds[s] == "unknown" for s in shared),
                 wins=sum(sign * d < 0 for d in diffs), shared=len(shared),
                 unfinished=sum(not r.finished for r in runs),
                 not_started=sum(not r.finished and r.step == 0 for r in runs), final_means=finals,
@@ -223,15 +283,25 @@ def _settings(arm: Arm, common_keys: set[str]) -> str:
     return ", ".join(items) if items else "(base config)"
 
 
+def _is_infonce_l2(grid: Grid, arm: Arm) -> bool:
+    """Whether the arm trains InfoNCE-l2 or no term (the baseline): the logged floor gap is that
+    statistic's distance to -log B, which means nothing for the other variants."""
+    items = {**grid.common, **arm.overrides}
+    return items.get("dispersive.weight", 0) == 0 or (
+        items.get("dispersive.variant", "infonce_l2") == "infonce_l2"
+        and not items.get("dispersive.contrastive", False)
+    )
+
+
 def markdown_table(grid: Grid, stats: list[ArmStats], *, metric_label: str) -> str:
     """The results table: one row per arm (mean ± std over seeds, change vs baseline)."""
     has_acc = any(s.acc_mean is not None for s in stats)
     head = [
         "arm",
         "settings",
-        f"{metric_label} (mean ± std)",
+        f"{metric_label} (mean ± SD)",
         "Δ vs baseline",
-        "paired Δ (better/seeds)",
+        "paired Δ ± SD [95% CI] (better/pairs)",
         "seeds",
         "loss_diff",
         "floor gap",
@@ -249,7 +319,15 @@ def markdown_table(grid: Grid, stats: list[ArmStats], *, metric_label: str) -> s
         )
         paired = "–"
         if s.paired_mean is not None:
-            paired = f"{s.paired_mean:+.2f} ± {fmt(s.paired_std)} ({s.wins}/{s.shared})"
+            ci = ""
+            if s.paired_ci is not None:
+                lo, hi = s.paired_mean - s.paired_ci, s.paired_mean + s.paired_ci
+                ci = f" [{lo:+.2f}, {hi:+.2f}]"
+            paired = f"{s.paired_mean:+.2f} ± {fmt(s.paired_std)}{ci} ({s.wins}/{s.shared})"
+            if s.host_unknown:
+                paired += " †"
+        if s.unpaired:
+            paired += f" ({s.unpaired} unpaired: other host/session)"
         seeds = f"{len(s.values)}" + _pending(s.unfinished - s.not_started, s.not_started)
         row = [
             name,
@@ -259,7 +337,7 @@ def markdown_table(grid: Grid, stats: list[ArmStats], *, metric_label: str) -> s
             paired,
             seeds,
             fmt(s.final_means.get("loss_diff"), 4),
-            fmt(s.final_means.get("floor_gap"), 3),
+            fmt(s.final_means.get("floor_gap"), 3) if _is_infonce_l2(grid, s.arm) else "n/a",
         ]
         if has_acc:
             row.insert(6, "–" if s.acc_mean is None else f"{100 * s.acc_mean:.1f}%")
@@ -311,6 +389,9 @@ def csv_text(grid: Grid, stats: list[ArmStats], spec: dict[str, Any]) -> str:
             "paired_std",
             "paired_better",
             "paired_n",
+            "paired_ci95_halfwidth",
+            "unpaired",
+            "paired_host_unknown",
             "class_acc",
             "loss_diff",
             "floor_gap",
@@ -332,6 +413,9 @@ def csv_text(grid: Grid, stats: list[ArmStats], spec: dict[str, Any]) -> str:
                 s.paired_std,
                 s.wins,
                 s.shared,
+                s.paired_ci,
+                s.unpaired,
+                s.host_unknown,
                 s.acc_mean,
                 s.final_means.get("loss_diff"),
                 s.final_means.get("floor_gap"),
@@ -348,12 +432,13 @@ def runs_csv_text(grid: Grid, results: list[RunResult]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["run", "arm", "seed", "step", "steps", "finished", *keys, *_FINAL_KEYS,
-                "wall_time_s", "sampler_specs", "run_dir"])  # fmt: skip
+                "wall_time_s", "host", "sessions", "sampler_specs", "run_dir"])  # fmt: skip
     for r in results:
         specs = " | ".join(f"{n}: {_spec_text(s)}" for n, s in r.specs.items())
         w.writerow([r.run.name, r.run.arm.name, r.run.seed, r.step, r.steps, r.finished,
                     *(r.values.get(k) for k in keys), *(r.final.get(k) for k in _FINAL_KEYS),
-                    r.wall_time_s, specs, str(r.run.run_dir)])  # fmt: skip
+                    r.wall_time_s, r.host or "not recorded", " ".join(sorted(r.sessions)),
+                    specs, str(r.run.run_dir)])  # fmt: skip
     return buf.getvalue()
 
 

@@ -8,6 +8,12 @@ Per run (``EXP_DIR/runs/<arm>-s<seed>/``, a normal ``dispersive train`` run dire
 3. per ``[[final_eval]]`` NAME: ``dispersive sample --num N`` and ``dispersive eval``, whose
    JSON is kept as ``final_eval/<name>-step<step>.json`` together with the sampler spec.
 
+Before each training stage the runner appends the host it trains on to ``host.json`` (CPU
+model and flags, torch version, threads, a hash of the host name and the boot id as the
+session): reruns of one seed are bit-identical on one host but drift apart across hosts by
+as much as the seed spread, so the tables pair a run only with a baseline of the same host and
+session (:mod:`dispersive.experiments.results`).
+
 Each stage is skipped when its output is already there for the run's final step, so re-running
 the grid skips finished runs and resumes interrupted ones; a run killed mid-way loses at most
 the steps since its last checkpoint. Runs execute ``jobs`` at a time, each child limited to
@@ -43,7 +49,9 @@ from dispersive.train.rundir import (
 from dispersive.train.rundir import read_json as _read_json
 
 __all__ = [
+    "HOST_FILE",
     "RunStatus",
+    "host_info",
     "run_status",
     "check_grid",
     "run_grid",
@@ -51,9 +59,11 @@ __all__ = [
     "select_runs",
     "available_cpus",
     "LOG_FILE",
+    "fashion_mnist_reference",
     "final_eval_file",
 ]
 
+HOST_FILE = "host.json"  # the hosts a run trained on (written here, read by results.py)
 GRID_SAMPLES = 64
 
 
@@ -71,6 +81,51 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def host_info(threads: int) -> dict:
+    """What a run's numbers depend on besides its config: the host it trains on.
+
+    ``key`` (CPU model, a hash of its flags, torch version, threads) decides whether two runs
+    are comparable seed by seed; ``session`` (hashes of the host name and boot id) tells the
+    runs of one machine session apart. No raw host name is stored.
+    """
+    import platform
+    import socket
+
+    import torch
+
+    cpu, flags = "", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = (part.strip() for part in line.partition(":"))
+            if name == "model name" and not cpu:
+                cpu = value
+            if name in ("flags", "Features") and not flags:
+                flags = _sha(" ".join(sorted(value.split())))
+    cpu = cpu or platform.processor() or platform.machine()
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    host = _sha(socket.gethostname())
+    info = {"cpu": cpu, "cpu_flags": flags, "torch": torch.__version__, "threads": threads}
+    key = " | ".join(str(info[k]) for k in ("cpu", "cpu_flags", "torch", "threads"))
+    return {**info, "host": host, "key": key, "session": f"{host}-{_sha(boot or str(os.getpid()))}"}
+
+
+def _record_host(run_dir: Path, step: int, threads: int) -> None:
+    """Append the host of the training stage about to start at ``step`` to ``host.json``."""
+    path = run_dir / HOST_FILE
+    rec = _read_json(path) or {"segments": []}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rec["segments"].append({**host_info(threads), "from_step": step, "started": started})
+    write_json(path, rec)
 
 
 @dataclass(frozen=True)
@@ -247,6 +302,7 @@ def _pipeline_locked(grid: Grid, run: RunSpec, status: RunStatus, procs: _Procs,
     log = d / LOG_FILE
     launch = _dispersive(grid.nproc)
     if status.state in ("new", "resume", "extend"):
+        _record_host(d, status.step, int(env.get("OMP_NUM_THREADS") or 0))
         if status.state == "new":
             cmd = [
                 *launch,
@@ -282,6 +338,24 @@ def _pipeline_locked(grid: Grid, run: RunSpec, status: RunStatus, procs: _Procs,
     return ""
 
 
+def fashion_mnist_reference(folder: Path) -> Path:
+    """The Fashion-MNIST training set as a sample file, ``folder/fashion-mnist-train.npz``.
+
+    The reference of final evaluations with KID (or precision/recall) under the domain
+    features: the same 60,000 images as the shipped statistics, written once per folder.
+    """
+    from dispersive.eval.io import save_npz
+    from dispersive.train.data import load_fashion_mnist
+
+    path = Path(folder) / "fashion-mnist-train.npz"
+    if not path.is_file():
+        images, labels = load_fashion_mnist(None, train=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        save_npz(tmp, images[..., None], labels)
+        tmp.replace(path)  # atomic: two runs may write it at once
+    return path
+
+
 def _final_eval(fe, d: Path, step: int, launch: list[str], procs: _Procs, log: Path, env) -> str:
     """Sample ``fe.num`` images and evaluate them; keep the metrics and the sampler spec."""
     from dispersive.experiments.grid import slug
@@ -306,8 +380,11 @@ def _final_eval(fe, d: Path, step: int, launch: list[str], procs: _Procs, log: P
         return f"final evaluation {fe.name!r}: sampling exited with status {rc}"
     ev = [sys.executable, "-m", "dispersive", "eval", "--samples", str(out / "samples.npz")]
     ev += ["--features", fe.features, "--metrics", *fe.metrics]
-    if fe.ref:
-        ev += ["--ref", fe.ref]
+    ref = fe.ref
+    if not ref and fe.features == "fashion-mnist" and {"kid", "pr"} & set(fe.metrics):
+        ref = str(fashion_mnist_reference(d.parent))  # KID needs images, not statistics
+    if ref:
+        ev += ["--ref", ref]
     if fe.inception_weights:
         ev += ["--inception-weights", fe.inception_weights]
     result = subprocess.run(ev, env=env, capture_output=True, text=True)
@@ -372,6 +449,24 @@ def select_runs(
     return keep
 
 
+def _check_extendable(grid: Grid, run: RunSpec, st: RunStatus) -> None:
+    """Refuse to extend a finished run that has no checkpoint at its last step.
+
+    Training it further would start again from step 0 in its own folder and replace the
+    numbers it holds (a run restored from results/ is kept without checkpoints).
+    """
+    from dispersive.checkpoint import list_checkpoints
+
+    if any(s == st.step for s, _ in list_checkpoints(run.run_dir)):
+        return
+    raise UserError(
+        f"run {run.run_dir} of {grid.path.name} finished at {st.step} steps and has no "
+        f"checkpoint there (a kept copy?): extending it to {st.steps} steps would retrain it "
+        "from step 0 in place and replace its numbers; give the longer grid its own "
+        "[experiment] shared_runs pool (or outdir) instead"
+    )
+
+
 def build_queue(
     grids: Sequence[Grid],
     cfgs: dict,
@@ -401,6 +496,8 @@ def build_queue(
             steps = cfgs[g.path][run.name].train.steps
             st = run_status(g, run, steps)
             counts[st.state] = counts.get(st.state, 0) + 1
+            if st.state == "extend":
+                _check_extendable(g, run, st)
             known = budget_of.get(run.run_dir)
             if known is None or steps > known:
                 budget_of[run.run_dir] = steps
