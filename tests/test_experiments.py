@@ -388,8 +388,8 @@ def test_a_run_trained_further_by_another_grid_is_read_at_this_grids_budget(tmp_
 
 
 def test_grids_share_one_queue_and_extend_shared_runs_once(tmp_path):
-    from dispersive.train.checkpoint import checkpoint_path
     from dispersive.experiments.runner import build_queue
+    from dispersive.train.checkpoint import checkpoint_path
 
     def grid(name: str, steps: int, arms: str):
         f = _write(

@@ -455,7 +455,7 @@ def _check_extendable(grid: Grid, run: RunSpec, st: RunStatus) -> None:
     Training it further would start again from step 0 in its own folder and replace the
     numbers it holds (a run restored from results/ is kept without checkpoints).
     """
-    from dispersive.checkpoint import list_checkpoints
+    from dispersive.train.checkpoint import list_checkpoints
 
     if any(s == st.step for s, _ in list_checkpoints(run.run_dir)):
         return
