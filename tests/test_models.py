@@ -157,8 +157,8 @@ def test_unknown_names_and_overrides_are_clear_errors():
         build("SiT-B2", input_size=32, in_channels=4, num_classes=0)
     with pytest.raises(ValueError, match=r"valid overrides.*hidden_size"):
         build("SiT-S/2", input_size=32, in_channels=4, num_classes=0, width=3)
-    with pytest.raises(ValueError, match=r"learn_sigma"):
-        build("SiT-S/2", input_size=32, in_channels=4, num_classes=0, learn_sigma=True)
+    with pytest.raises(ValueError, match=r"learn_sigma"):  # SiT and DiT have it, MeanFlow not
+        build("MF-S/2", input_size=32, in_channels=4, num_classes=0, learn_sigma=True)
     with pytest.raises(
         ValueError, match=r"patch_size=8 does not divide input_size=28.*\[1, 2, 4, 7"
     ):

@@ -30,6 +30,7 @@ from torch import nn
 
 from dispersive.models.layers import ATTN_BACKENDS, check_attn_backend
 from dispersive.models.meanflow import MeanFlowTransformer
+from dispersive.models.official import load_official
 from dispersive.models.transformer import PATCHES, SIZES, DiT, SiT
 from dispersive.models.unet import UNET_PRESETS, UNet
 
@@ -37,6 +38,7 @@ __all__ = [
     "MODELS",
     "ModelEntry",
     "build",
+    "load_official",
     "set_attn_backend",
     "SiT",
     "DiT",
@@ -45,7 +47,15 @@ __all__ = [
     "ATTN_BACKENDS",
 ]
 
-_TRANSFORMER_OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "attn")
+_TRANSFORMER_OVERRIDES = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "mlp_ratio",
+    "attn",
+    "pos_embed",
+)
 _UNET_OVERRIDES = (
     "model_channels",
     "channel_mult",
@@ -77,7 +87,7 @@ class ModelEntry:
 def _registry() -> dict[str, ModelEntry]:
     reg: dict[str, ModelEntry] = {}
     families = [
-        ("SiT", SiT, _TRANSFORMER_OVERRIDES),
+        ("SiT", SiT, (*_TRANSFORMER_OVERRIDES, "learn_sigma", "time_scale", "time_origin")),
         ("DiT", DiT, (*_TRANSFORMER_OVERRIDES, "learn_sigma")),
         ("MF", MeanFlowTransformer, _TRANSFORMER_OVERRIDES),
     ]
@@ -119,7 +129,9 @@ def build(
             0 = unconditional.
         overrides: architecture overrides as a dict (what ``model.config`` stores), merged
             with ``**kwargs`` (keywords win). Transformers: depth, hidden_size, num_heads,
-            patch_size, mlp_ratio, attn ("sdpa" | "math"), and learn_sigma for DiT. UNet:
+            patch_size, mlp_ratio, attn ("sdpa" | "math"), pos_embed ("hw" | "wh"), and
+            learn_sigma for DiT; learn_sigma, time_scale and time_origin for SiT (the official
+            SiT's conventions, see :func:`load_official`). UNet:
             model_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
             num_heads, attn.
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 __all__ = [
     "ATTN_BACKENDS",
     "FLOW_TIME_SCALE",
+    "POS_EMBED_ORDERS",
     "attention",
     "timestep_embedding",
     "sincos_pos_embed_2d",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 ATTN_BACKENDS = ("sdpa", "math")
+# Channel order of the 2-D sin-cos positional embedding: "hw" = first half encodes the row (this
+# package's default), "wh" = first half encodes the column (MAE's construction, used by the
+# official DiT and SiT; needed to run their released weights).
+POS_EMBED_ORDERS = ("hw", "wh")
 
 # Flow / MeanFlow models embed 1000 * t so their frequencies match DiT's integer steps.
 FLOW_TIME_SCALE = 1000.0
@@ -107,14 +112,19 @@ def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
+def sincos_pos_embed_2d(dim: int, grid_size: int, order: str = "hw") -> Tensor:
     """Fixed 2-D sin-cos positional embedding (as in MAE / DiT), float32.
 
-    Half of the channels encode the row, half the column of each token.
+    Half of the channels encode the row, half the column of each token; each half is
+    ``[sin(pos w), cos(pos w)]`` with ``w_i = 10000^(-i / (dim / 4))``.
 
     Args:
         dim: embedding width, divisible by 4.
         grid_size: tokens per side; tokens are ordered row-major.
+        order: "hw" (first half: row, second half: column; this package's default) or "wh"
+            (first half: column, second half: row; MAE's construction, whose grid lists w
+            first, and so the official DiT / SiT checkpoints). From scratch the two train
+            alike; official weights only work with "wh".
 
     Returns:
         (grid_size**2, dim).
@@ -123,10 +133,13 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
         raise ValueError(
             f"sin-cos positional embedding needs hidden_size divisible by 4; got {dim}"
         )
+    if order not in POS_EMBED_ORDERS:
+        raise ValueError(f"unknown pos_embed order {order!r}; valid choices: {POS_EMBED_ORDERS}")
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows = coords.repeat_interleave(grid_size)  # (T,)
     cols = coords.repeat(grid_size)  # (T,)
-    emb = torch.cat([_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], dim=1)  # (T, dim)
+    first, second = (rows, cols) if order == "hw" else (cols, rows)
+    emb = torch.cat([_sincos_1d(dim // 2, first), _sincos_1d(dim // 2, second)], dim=1)  # (T, dim)
     return emb.float()
 
 

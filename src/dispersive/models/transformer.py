@@ -4,7 +4,10 @@ Organisation (as DiT's ``models.py``): helpers live in ``layers.py``; this file 
 the final layer, the shared backbone, the two models and their size presets (paper Table 8).
 
 - SiT (flow, velocity prediction): ``model(x, t, y) -> v`` (B, C, H, W); t in [0, 1] with
-  data at t=0 (``dispersive.paths``), embedded as 1000 * t.
+  data at t=0 (``dispersive.paths``), embedded as 1000 * t. Built with the official SiT's
+  conventions (``time_origin="noise"``, ``time_scale=1``, ``learn_sigma=True``,
+  ``pos_embed="wh"``; see ``dispersive.models.official``) the network inside is the released
+  SiT, and ``forward`` still speaks this package's time and velocity.
 - DiT (DDPM): ``model(x, k, y) -> (B, 2C, H, W)``: epsilon, then the learned-variance
   interpolation values v in [-1, 1] (raw network output; the objective maps it); k are integer
   steps 0..999 given as floats and embedded directly.
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 
 from dispersive.models.layers import (
     FLOW_TIME_SCALE,
+    POS_EMBED_ORDERS,
     Attention,
     LabelEmbedder,
     Mlp,
@@ -33,8 +37,20 @@ from dispersive.models.layers import (
     modulate,
     sincos_pos_embed_2d,
 )
+from dispersive.paths import to_sit_time
 
-__all__ = ["TransformerBlock", "FinalLayer", "DiffusionTransformer", "SiT", "DiT", "SIZES"]
+__all__ = [
+    "TransformerBlock",
+    "FinalLayer",
+    "DiffusionTransformer",
+    "SiT",
+    "DiT",
+    "SIZES",
+    "TIME_ORIGINS",
+]
+
+# Where SiT's network time is 0: "data" (this package's t) or "noise" (official SiT's 1 - t).
+TIME_ORIGINS = ("data", "noise")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +115,8 @@ class DiffusionTransformer(nn.Module):
         num_times: how many scalar time inputs are embedded and summed into c (1, or 2 for
             MeanFlow's t and h).
         time_scale: multiplies each time before its sinusoidal embedding.
+        pos_embed: channel order of the fixed 2-D sin-cos positional embedding, "hw" (row
+            first; default) or "wh" (column first, as the official DiT / SiT weights need).
     """
 
     kind: str = ""
@@ -119,6 +137,7 @@ class DiffusionTransformer(nn.Module):
         attn: str = "sdpa",
         num_times: int = 1,
         time_scale: float = 1.0,
+        pos_embed: str = "hw",
     ):
         super().__init__()
         for name, value in [
@@ -149,6 +168,8 @@ class DiffusionTransformer(nn.Module):
             )
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be positive; got {mlp_ratio!r}")
+        if pos_embed not in POS_EMBED_ORDERS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_ORDERS}; got {pos_embed!r}")
         check_attn_backend(attn)
 
         self.input_size = input_size
@@ -160,6 +181,7 @@ class DiffusionTransformer(nn.Module):
         self.num_heads = num_heads
         self.depth = depth
         self.grid_size = input_size // patch_size
+        self.pos_embed_order = pos_embed
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
         self.t_embedders = nn.ModuleList(
@@ -167,16 +189,23 @@ class DiffusionTransformer(nn.Module):
         )
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         # Fixed, not learned, and cheap to recompute: a non-persistent buffer keeps it out of
-        # checkpoints while still following .to(device).
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False
-        )  # (1, T, D)
+        # checkpoints while still following .to(device). Its order is in ``model.config``.
+        self.register_buffer("pos_embed", self._pos_embed(), persistent=False)  # (1, T, D)
         self.blocks = nn.ModuleList(
             TransformerBlock(hidden_size, num_heads, mlp_ratio, attn) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.block_names = [f"blocks.{i}" for i in range(depth)]
         self.initialize_weights()
+
+    def _pos_embed(self, device: torch.device | str | None = None) -> Tensor:
+        emb = sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.pos_embed_order)
+        return emb[None].to(device)  # (1, T, D)
+
+    def reset_buffers(self) -> None:
+        """Recompute the fixed buffers (pos_embed) in place, on the device of the parameters;
+        for a model materialised with ``to_empty`` (built on the meta device)."""
+        self.pos_embed = self._pos_embed(self.x_embedder.proj.weight.device)
 
     def initialize_weights(self) -> None:
         """DiT initialisation: xavier linears, N(0, 0.02) embedders, zero adaLN and output."""
@@ -242,22 +271,59 @@ class SiT(DiffusionTransformer):
 
     ``model(x, t, y) -> v`` with x (B, C, H, W), t (B,) in [0, 1] (data at 0, noise at 1;
     embedded as 1000 * t), y (B,) long or None; returns (B, C, H, W).
+
+    Args (beyond the backbone's, see :class:`DiffusionTransformer`):
+        learn_sigma: the final layer outputs 2C channels and ``forward`` returns the first C
+            (the official SiT's layout: its default ``learn_sigma=True`` trains a second half
+            that no loss or sampler reads). Default False: C channels.
+        time_scale: the network embeds ``time_scale * t_net`` (1000 here; 1 in official SiT).
+        time_origin: what the network's own time ``t_net`` is. "data" (default):
+            ``t_net = t``. "noise": ``t_net = 1 - t``, SiT's time (noise at 0, data at 1), and
+            the network predicts the velocity along SiT's time, so ``forward`` returns its
+            negative (``dispersive.paths.to_sit_time``). Either way ``forward`` takes this
+            package's t and returns this package's velocity ``d x_t / d t``.
     """
 
     kind = "flow"
 
-    def __init__(self, *, input_size: int, in_channels: int, num_classes: int, **arch: Any):
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        num_classes: int,
+        learn_sigma: bool = False,
+        time_scale: float = FLOW_TIME_SCALE,
+        time_origin: str = "data",
+        **arch: Any,
+    ):
+        if not isinstance(learn_sigma, bool):
+            raise ValueError(f"learn_sigma must be True or False; got {learn_sigma!r}")
+        if isinstance(time_scale, bool) or not isinstance(time_scale, int | float):
+            raise ValueError(f"time_scale must be a positive number; got {time_scale!r}")
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be a positive number; got {time_scale!r}")
+        if time_origin not in TIME_ORIGINS:
+            raise ValueError(f"time_origin must be one of {TIME_ORIGINS}; got {time_origin!r}")
+        self.learn_sigma = learn_sigma
+        self.time_origin = time_origin
         super().__init__(
             input_size=input_size,
             in_channels=in_channels,
-            out_channels=in_channels,
+            out_channels=in_channels * (2 if learn_sigma else 1),
             num_classes=num_classes,
-            time_scale=FLOW_TIME_SCALE,
+            time_scale=float(time_scale),
             **arch,
         )
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        return self._forward(x, [check_time(t, x.shape[0], "t", x)], y)
+        t = check_time(t, x.shape[0], "t", x)
+        if self.time_origin == "noise":
+            t = to_sit_time(t)
+        out = self._forward(x, [t], y)  # (B, C_out, H, W)
+        if self.learn_sigma:
+            out = out[:, : self.in_channels]  # the unused second half
+        return -out if self.time_origin == "noise" else out  # d x / d(1 - t) = -d x / d t
 
 
 class DiT(DiffusionTransformer):

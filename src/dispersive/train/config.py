@@ -74,6 +74,12 @@ class ModelConfig:
     in_channels: int = 1
     num_classes: int = 10  # 0 = unconditional; the null label is num_classes
     overrides: dict = field(default_factory=dict)  # passed to models.build (depth, attn, ...)
+    # Start from these weights (step 0 only; a resumed run continues from its own checkpoint):
+    # an official DiT / SiT .pt (plain or training dict) or a checkpoint / run dir of this
+    # package. See dispersive.train.model_init.
+    init: str = ""
+    init_sha256: str = ""  # optional: verify model.init's file before loading it
+    init_weights: str = "ema"  # ema | model: which weights of a checkpoint that has both
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,7 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 
 # Enumerated keys: "section.key" -> valid values.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.init_weights": ("ema", "model"),
     "data.name": ("fashion-mnist", "cifar10", "imagefolder", "latents", "synthetic"),
     "objective.kind": ("flow", "ddpm", "meanflow"),
     "objective.path": ("linear", "gvp"),
@@ -649,6 +656,11 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
 
     m, data, obj, disp, tr = cfg.model, cfg.data, cfg.objective, cfg.dispersive, cfg.train
     local = per_device_batch(cfg, world_size)
+
+    if m.init:
+        from dispersive.train.model_init import check_init  # light: no file is read
+
+        check_init(m)
 
     # Data shape and classes.
     if data.name in _FIXED_DATA:

@@ -64,6 +64,7 @@ from dispersive.train.distributed import (
 )
 from dispersive.train.ema import EMA
 from dispersive.train.logging import MetricsLogger, truncate_metrics
+from dispersive.train.model_init import build_run_model
 from dispersive.train.rundir import CONFIG_FILE, DONE_FILE, RunLock, write_json
 
 __all__ = ["train", "step_seed", "grouped_mean", "PROXY_NOTE"]
@@ -96,7 +97,6 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
         UserError: a bad config, or ``train.max_nonfinite`` non-finite steps in a row.
     """
     from dispersive import losses, objectives, timesteps
-    from dispersive.models import build
     from dispersive.taps import FeatureTap
     from dispersive.train.data import BatchLoader, BatchStream, ImageFolderDataset, build_dataset
 
@@ -129,7 +129,9 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
 
             # ---- Model -----------------------------------------------------------------------
             torch.manual_seed(tr.seed)  # the same initial weights on every rank
-            model = build(**model_kwargs(cfg.model)).to(device)
+            # model.init (fine-tuning) sets the starting weights and the official conventions.
+            resume_from = latest_checkpoint(run_dir) if resume else None
+            model = build_run_model(cfg.model, resume_from=resume_from).to(device)
             model.train()
             num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
             torch.manual_seed(step_seed(tr.seed, rank, 1))  # per-rank global RNG (if used)
