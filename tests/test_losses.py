@@ -170,6 +170,7 @@ def test_near_duplicate_large_norm_features_are_exact():
 def test_chunked_gram_matches_unchunked(monkeypatch):
     z = torch.randn(4, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     ref = {v: dispersive_loss(z, variant=v) for v in VARIANTS}
+    monkeypatch.setattr(losses, "_SMALL_ELEMS", 0)  # the chunked path even for this small z
     monkeypatch.setattr(losses, "_CHUNK_ELEMS", 4 * 3)  # 3-column chunks, the last one short
     assert len(losses._column_chunks(4, 20)) == 7
     for v in VARIANTS:
@@ -385,14 +386,22 @@ def test_batch_of_one_is_refused_with_the_reason():
         dispersion_stats(torch.randn(1, 8))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_is_named(bad):
+def test_non_finite_input_is_named(bad, variant, chunked, monkeypatch):
+    # Detected through the non-finite loss (no separate pass over z): must hold for every
+    # variant and both Gram paths.
+    if chunked:
+        monkeypatch.setattr(losses, "_SMALL_ELEMS", 0)
     z = torch.randn(4, 6)
     z[2, 3] = bad
     with pytest.raises(ValueError, match=r"non-finite values.*sample 2"):
-        dispersive_loss(z)
+        dispersive_loss(z, variant=variant)
     with pytest.raises(ValueError, match=r"z_pos contains non-finite"):
-        contrastive_loss(torch.randn(4, 6), z)
+        contrastive_loss(torch.randn(4, 6), z, variant=variant)
+    with pytest.raises(ValueError, match=r"z contains non-finite"):
+        contrastive_loss(z, torch.randn(4, 6), variant=variant)
 
 
 def test_wrong_rank_input_says_the_expected_shape():

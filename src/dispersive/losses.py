@@ -25,8 +25,12 @@ Definitions (``dim`` = features per sample, ``N_pairs`` = B^2 with the diagonal,
 Numerics: the computation runs in float32 whatever the input dtype or autocast state (float64
 inputs are computed in float64, which the gradient checks use; float32 is the minimum
 precision). No D x D matrix and no B x B x D tensor is ever formed: the one O(B^2 D) step is the
-Gram matrix of the centred features, computed in column chunks so that the centred (and upcast)
-copy never exists in full; its backward is a single matmul per chunk.
+Gram matrix of the centred features (one matmul for small z; for large z in column chunks so
+that the centred, upcast copy never exists in full); its backward is one matmul (per chunk).
+Near-duplicate pairs, whose Gram-form distance n_i + n_j - 2 G_ij would be mostly rounding,
+get their distance and gradient from the differences z_i - z_j instead (exact duplicates: 0),
+so values and gradients stay within ~1e-6 of float64 whatever the pairs (issue 12, item 3).
+Non-finite input is detected from the (then non-finite) loss and named with a clear error.
 
 Scopes: ``scope="local"`` (default, the authors' semantics) uses this process's batch.
 ``scope="global"`` gathers z from every ``torch.distributed`` rank with a differentiable
@@ -60,6 +64,13 @@ SCOPES: tuple[str, ...] = ("local", "global")
 # Elements per column chunk of the Gram computation (16 MiB in float32): bounds the transient
 # centred/upcast copy while keeping each matmul large enough to run at full speed.
 _CHUNK_ELEMS = 1 << 22
+# Up to this many elements z is centred/upcast in full and multiplied in one call (<= 4 MiB in
+# float32): below it the chunk bookkeeping costs more than the copy.
+_SMALL_ELEMS = 1 << 20
+# A pair is near-duplicate when d_ij <= _NEAR * (n_i + n_j) (l2; n_i the centred squared norm)
+# or 1 - cos_ij <= _NEAR (cosine): its distance and gradient are then computed from z_i - z_j,
+# since the Gram form's rounding (~eps * (n_i + n_j)) is no longer small against d_ij.
+_NEAR = 0.25
 # At most this many columns per chunk: a float32 matmul accumulating over 300K columns in one
 # call measured 1e-5 relative error in G; chunks of 16K columns summed in G measured 3e-7.
 _CHUNK_COLS = 1 << 14
@@ -153,9 +164,21 @@ def _compute_dtype(z: Tensor) -> torch.dtype:
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
+    # Entering autocast costs more than the whole loss on small batches: only when it is on.
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
     return contextlib.nullcontext()
+
+
+def _checked(loss: Tensor, *named: tuple[Tensor, str]) -> Tensor:
+    # Non-finite input makes the loss non-finite (NaN/Inf reach every Gram entry through the
+    # batch mean or the norms), so checking the scalar replaces a pass over z; the inputs are
+    # then searched to name the problem (a finite overflow of the loss is not refused).
+    if not math.isfinite(loss.item()):
+        for t, name in named:
+            _check_finite(t, name)
+    return loss
 
 
 def _eye(b: int, device: torch.device) -> Tensor:
@@ -168,6 +191,8 @@ def _eye(b: int, device: torch.device) -> Tensor:
 
 
 def _column_chunks(b: int, dim: int) -> list[tuple[int, int]]:
+    if b * dim <= _SMALL_ELEMS:
+        return [(0, dim)]  # small z: one matmul; a bounded buffer would only add overhead
     width = max(1, min(_CHUNK_COLS, _CHUNK_ELEMS // max(b, 1), -(-dim // _MIN_CHUNKS)))
     return [(s, min(s + width, dim)) for s in range(0, dim, width)]
 
@@ -195,58 +220,251 @@ def _chunks(z: Tensor, mu: Tensor | None, dtype: torch.dtype) -> Iterator[tuple[
         yield s, e, blk
 
 
+def _gram(z: Tensor, center: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+    """G = Zc Zc^T in ``dtype`` (B, B), Zc = z - (batch mean if ``center``); no autograd.
+
+    Returns ``(G, mu, zc)``: ``mu`` (dim,) the mean that was subtracted (None without centring)
+    and ``zc`` the centred/upcast z when it was formed in full (small z), else None: the
+    backward then re-centres z chunk by chunk (the copy never exists in full).
+    """
+    b, dim = z.shape
+    mu = z.mean(dim=0, dtype=dtype) if center else None
+    if b * dim <= _SMALL_ELEMS:
+        zc = z - mu if mu is not None else z.to(dtype)  # type promotion upcasts half inputs
+        return torch.mm(zc, zc.T), None, zc
+    g = torch.zeros((b, b), dtype=dtype, device=z.device)
+    for _, _, blk in _chunks(z, mu, dtype):
+        g.addmm_(blk, blk.T)
+    return g, mu, None
+
+
+def _gram_backward(q: Tensor, z: Tensor, mu: Tensor | None, zc: Tensor | None, dtype):
+    """``q @ Zc`` (B, dim) in z's dtype, chunked like the forward when Zc was not kept."""
+    if zc is not None:
+        return torch.mm(q, zc).to(z.dtype)
+    grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+    for s, e, blk in _chunks(z, mu, dtype):
+        if grad.dtype == dtype:
+            torch.mm(q, blk, out=grad[:, s:e])
+        else:
+            grad[:, s:e] = q @ blk  # cast back to the input's (lower) precision
+    return grad
+
+
 class _Gram(torch.autograd.Function):
     """G = Zc Zc^T in ``dtype`` (B, B); Zc = z - mean over the batch if ``center`` else z.
 
-    Chunked over columns so the centred/upcast copy of z never exists in full. Backward:
-    dL/dz = P (gG + gG^T) Zc with P = I - 11^T / B (the centring projection), one matmul per
-    chunk; only z and the (dim,) mean are saved.
+    Backward: dL/dz = P (gG + gG^T) Zc with P = I - 11^T / B (the centring projection), one
+    matmul (per chunk); only z, the (dim,) mean and, for small z, Zc are saved.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, center: bool, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        b = z.shape[0]
-        mu = z.mean(dim=0, dtype=dtype) if center else None
-        g = torch.zeros((b, b), dtype=dtype, device=z.device)
-        for _, _, blk in _chunks(z, mu, dtype):
-            g.addmm_(blk, blk.T)
-        ctx.save_for_backward(z, mu)
-        ctx.dtype = dtype
-        # BLAS need not return an exactly symmetric product; symmetrise so that d_ij == d_ji.
+        g, mu, zc = _gram(z, center, dtype)
+        ctx.save_for_backward(z, mu, zc)
+        ctx.dtype, ctx.center = dtype, center
+        # BLAS need not return an exactly symmetric product; symmetrise.
         return 0.5 * (g + g.T)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_g: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        z, mu = ctx.saved_tensors
+        z, mu, zc = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
         a = grad_g + grad_g.T  # dL/dZc = (gG + gG^T) Zc
-        if mu is not None:
-            a = a - a.mean(dim=0, keepdim=True)  # P a: the centring's backward
-        grad = torch.empty_like(z, memory_format=torch.contiguous_format)
-        for s, e, blk in _chunks(z, mu, ctx.dtype):
-            if grad.dtype == ctx.dtype:
-                torch.mm(a, blk, out=grad[:, s:e])
-            else:
-                grad[:, s:e] = a @ blk  # cast back to the input's (lower) precision
-        return grad, None, None
+        if ctx.center:
+            a = a - a.mean(dim=0, keepdim=True)  # P a: the centring's backward (no-op uncentred)
+        return _gram_backward(a, z, mu, zc, ctx.dtype), None, None
 
 
-def _sq_dist(z: Tensor, dtype: torch.dtype) -> Tensor:
-    """Squared l2 distances (B, B) from batch-centred features; exact zeros on the diagonal."""
-    g = _Gram.apply(z, True, dtype)
+# --------------------------------------------------------------------------------------------
+# Pairwise (dis)similarities with exact near-duplicate pairs
+#
+# From the Gram matrix, d_ij = n_i + n_j - 2 G_ij (n_i = G_ii) carries an absolute rounding
+# error of ~eps * (n_i + n_j): harmless while d_ij is comparable to n_i + n_j, but it swamps
+# the distance of near-duplicate pairs (and the matmul backward, sum_j w_ij (zc_i - zc_j)
+# computed as w_ij zc_i - w_ij zc_j, loses their push-apart gradient the same way). The few
+# pairs with d_ij <= _NEAR * (n_i + n_j) are recomputed from differences z_i - z_j (forward and
+# backward), which are exact there; everything else stays on the Gram path.
+# --------------------------------------------------------------------------------------------
+
+
+def _near_pairs(near: Tensor) -> tuple[Tensor, Tensor]:
+    near = near | near.T  # BLAS may round G_ij and G_ji differently
+    i, j = near.triu(1).nonzero().unbind(1)
+    return i, j
+
+
+def _pair_rows(z: Tensor, i: Tensor, j: Tensor, dtype: torch.dtype) -> Iterator[tuple]:
+    """Yield ``(s, e, z[i[s:e]], z[j[s:e]])`` in ``dtype``, a bounded number of pairs at a time."""
+    step = max(1, _CHUNK_ELEMS // z.shape[1])
+    for s in range(0, i.numel(), step):
+        e = min(s + step, i.numel())
+        yield s, e, z[i[s:e]].to(dtype), z[j[s:e]].to(dtype)
+
+
+def _sq_dist_forward(z: Tensor, dtype: torch.dtype):
+    """Squared l2 distances (B, B) (not divided by dim), exact 0 on the diagonal; no autograd.
+
+    Returns ``(d, saved)``: the tensors :func:`_sq_dist_backward` needs, ``(z, mu, zc, i, j)``
+    with ``(i, j)`` the exactly recomputed pairs (None when there are none).
+    """
+    b = z.shape[0]
+    g, mu, zc = _gram(z, True, dtype)
     n = g.diagonal()
-    d = (n[:, None] + n[None, :] - 2 * g).clamp_min(0)
-    return d.masked_fill(_eye(z.shape[0], z.device), 0.0)
+    nn = n[:, None] + n
+    d = torch.add(nn, g, alpha=-2)  # d_ii = 2 n_i - 2 n_i = 0 exactly
+    near = d <= nn * _NEAR
+    i = j = None
+    if int(near.sum()) > b:  # the diagonal is always in (0 <= 0); NaN never is
+        i, j = _near_pairs(near)
+        dp = torch.empty(i.numel(), dtype=dtype, device=z.device)
+        for s, e, zi, zj in _pair_rows(z, i, j, dtype):
+            dp[s:e] = (zi - zj).square_().sum(dim=1)
+        d[i, j] = dp
+        d[j, i] = dp
+    return d, (z, mu, zc, i, j)
 
 
-def _neg_cos(z: Tensor, dtype: torch.dtype) -> Tensor:
-    """-cos(z_i, z_j) (B, B); exactly -1 on the diagonal (also for zero rows)."""
-    g = _Gram.apply(z, False, dtype)
-    n = g.diagonal().clamp_min(torch.finfo(dtype).tiny).sqrt().clamp_min(_NORM_EPS)
-    cos = g / n[:, None] / n[None, :]
-    return (-cos).masked_fill(_eye(z.shape[0], z.device), -1.0)
+def _sq_dist_backward(m: Tensor, saved: tuple, dtype: torch.dtype) -> Tensor:
+    """dL/dz (B, dim) for ``m`` (B, B) symmetric, ``m_ij = dL/dd_ij + dL/dd_ji`` (raw d).
+
+    dL/dz_i = 2 sum_j m_ij (z_i - z_j) = -2 [(m - diag(rowsum m)) Zc]_i on the Gram path (no
+    centring backward needed: the matrix has zero column sums), plus the exact pairs.
+    """
+    z, mu, zc, i, j = saved
+    m.diagonal().zero_()  # d_ii is a constant
+    if i is not None:
+        mp = m[i, j]
+        m[i, j] = 0.0
+        m[j, i] = 0.0
+    m.diagonal().copy_(m.sum(dim=1).neg_())
+    grad = _gram_backward(m.mul_(-2.0), z, mu, zc, dtype)
+    if i is not None:
+        acc = grad if grad.dtype == dtype else grad.to(dtype)
+        for s, e, zi, zj in _pair_rows(z, i, j, dtype):
+            step = (zi - zj).mul_(2 * mp[s:e, None])
+            acc.index_add_(0, i[s:e], step)
+            acc.index_add_(0, j[s:e], step, alpha=-1)
+        grad = acc.to(z.dtype)
+    return grad
+
+
+class _SqDist(torch.autograd.Function):
+    """Squared l2 distances (B, B) times ``scale``; exact for near-duplicate pairs."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, scale: float, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        d, saved = _sq_dist_forward(z, dtype)
+        ctx.save_for_backward(*saved)
+        ctx.scale, ctx.dtype = scale, dtype
+        return d.mul_(scale) if scale != 1 else d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_d: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        m = (grad_d + grad_d.T).mul_(ctx.scale)
+        return _sq_dist_backward(m, ctx.saved_tensors, ctx.dtype), None, None
+
+
+class _InfoNCEL2(torch.autograd.Function):
+    """``logsumexp(-d_ij * scale / tau) - log N_pairs`` fused with its distances.
+
+    One autograd node with an analytic backward: the loss is called per group of a few samples
+    in small models, where the cost of separate small operations dominates.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, scale: float, tau: float, diag: bool, dtype: torch.dtype):  # type: ignore[override]
+        b = z.shape[0]
+        d, saved = _sq_dist_forward(z, dtype)
+        logits = d.mul_(-scale / tau)
+        if not diag:
+            logits.diagonal().fill_(-math.inf)
+        lse = torch.logsumexp(logits.view(-1), dim=0)
+        ctx.save_for_backward(logits, lse, *saved)
+        ctx.coef, ctx.dtype = scale / tau, dtype
+        # logsumexp - log n, never log(mean(exp)): exp(-d / tau) underflows when spread out.
+        return lse - math.log(b * b if diag else b * (b - 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        logits, lse, *saved = ctx.saved_tensors
+        w = torch.exp(logits - lse)  # softmax weights; dL/dd_ij = -coef * w_ij
+        m = (w + w.T).mul_(grad_out * -ctx.coef)
+        return _sq_dist_backward(m, saved, ctx.dtype), None, None, None, None
+
+
+def _cos_gap(a: Tensor, b: Tensor, na: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
+    """``(v, 1 - cos)`` for rows a, b (P, dim) with norms na, nb (P, 1): v = a/|a| - b/|b|.
+
+    Accurate when a and b are nearly parallel: a - b is exact there and
+    |a| - |b| = (a - b).(a + b) / (|a| + |b|) avoids the cancellation of the norms.
+    """
+    diff = a - b
+    dn = (diff * (a + b)).sum(dim=1, keepdim=True) / (na + nb)
+    v = (diff - b * (dn / nb)) / na
+    return v, 0.5 * v.square().sum(dim=1)
+
+
+def _norms(z: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.linalg.vector_norm(z, dim=1, dtype=dtype, keepdim=True).clamp_min(_NORM_EPS)
+
+
+class _NegCos(torch.autograd.Function):
+    """-cos(z_i, z_j) (B, B), exactly -1 on the diagonal (also for zero rows).
+
+    Pairs with 1 - cos <= _NEAR are recomputed with :func:`_cos_gap` (forward and backward).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        g, mu, zc = _gram(z, False, dtype)
+        n = g.diagonal().clamp_min(torch.finfo(dtype).tiny).sqrt().clamp_min(_NORM_EPS)
+        cos = g.div_(n[:, None]).div_(n)
+        near = cos >= 1 - _NEAR
+        near.diagonal().fill_(False)
+        i = j = None
+        if bool(near.any()):
+            i, j = _near_pairs(near)
+            gap = torch.empty(i.numel(), dtype=dtype, device=z.device)
+            for s, e, zi, zj in _pair_rows(z, i, j, dtype):
+                gap[s:e] = _cos_gap(zi, zj, n[i[s:e], None], n[j[s:e], None])[1]
+            cos[i, j] = 1 - gap
+            cos[j, i] = 1 - gap
+        cos.diagonal().fill_(1.0)
+        ctx.save_for_backward(cos, n, z, mu, zc, i, j)
+        ctx.dtype = dtype
+        return cos.neg()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_dis: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        cos, n, z, mu, zc, i, j = ctx.saved_tensors
+        dtype = ctx.dtype
+        # m_ij = dL/dcos_ij + dL/dcos_ji; dcos_ij/dz_i = (z_j / n_j - cos_ij z_i / n_i) / n_i.
+        m = (grad_dis + grad_dis.T).neg_()
+        m.diagonal().zero_()
+        if i is not None:
+            mp = m[i, j]
+            m[i, j] = 0.0
+            m[j, i] = 0.0
+        k = m / n[:, None] / n
+        k.diagonal().copy_((m * cos).sum(dim=1).div_(n.square()).neg_())
+        grad = _gram_backward(k, z, mu, zc, dtype)
+        if i is not None:
+            acc = grad if grad.dtype == dtype else grad.to(dtype)
+            for s, e, zi, zj in _pair_rows(z, i, j, dtype):
+                na, nb = n[i[s:e], None], n[j[s:e], None]
+                v, gap = _cos_gap(zi, zj, na, nb)
+                c, h = mp[s:e, None], gap[:, None]
+                # d(1 - cos)/da = (v - h a/|a|) / |a|; d(1 - cos)/db = (-v - h b/|b|) / |b|
+                acc.index_add_(0, i[s:e], (v - h * zi / na) / na * c, alpha=-1)
+                acc.index_add_(0, j[s:e], (-v - h * zj / nb) / nb * c, alpha=-1)
+            grad = acc.to(z.dtype)
+        return grad, None
 
 
 def _standardize(z: Tensor, dtype: torch.dtype) -> Tensor:
@@ -261,9 +479,8 @@ def _standardize(z: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _dissimilarity(z: Tensor, variant: str, normalize_by_dim: bool, dtype: torch.dtype) -> Tensor:
     if variant == "infonce_cosine":
-        return _neg_cos(z, dtype)
-    d = _sq_dist(z, dtype)
-    return d / z.shape[1] if normalize_by_dim else d
+        return _NegCos.apply(z, dtype)
+    return _SqDist.apply(z, 1 / z.shape[1] if normalize_by_dim else 1.0, dtype)
 
 
 def _reduce_infonce(dis: Tensor, tau: float, include_diagonal: bool) -> Tensor:
@@ -308,10 +525,13 @@ def _dispersive_2d(
     include_diagonal: bool,
     dtype: torch.dtype,
 ) -> Tensor:
-    """The loss on an already checked, flattened (and gathered) batch (B, dim)."""
+    """The loss on a flattened (and gathered) batch (B, dim), B >= 2 (finiteness unchecked)."""
     if variant == "covariance":
         total = _covariance_sum_sq(_standardize(z, dtype))
         return total / z.shape[1] ** 2 if normalize_by_dim else total
+    if variant == "infonce_l2":
+        scale = 1 / z.shape[1] if normalize_by_dim else 1.0
+        return _InfoNCEL2.apply(z, scale, tau, include_diagonal, dtype)
     dis = _dissimilarity(z, variant, normalize_by_dim, dtype)
     if variant == "hinge":
         return _reduce_hinge(dis, margin, include_diagonal)
@@ -422,8 +642,7 @@ def dispersive_loss(
         if scope == "global" and _world_size() > 1:
             z2 = _gather(z2.to(dtype), scope)
         _check_batch(z2.shape[0], scope)
-        _check_finite(z2, "z")
-        return _dispersive_2d(
+        loss = _dispersive_2d(
             z2,
             variant=variant,
             tau=tau,
@@ -432,6 +651,7 @@ def dispersive_loss(
             include_diagonal=include_diagonal,
             dtype=dtype,
         )
+    return _checked(loss, (z2, "z"))
 
 
 class DispersiveLoss(nn.Module):
@@ -537,26 +757,25 @@ def contrastive_loss(
             z2, p2 = _gather(z2.to(dtype), scope), _gather(p2.to(dtype), scope)
         b, dim = z2.shape
         _check_batch(b, scope)
-        _check_finite(z2, "z")
-        _check_finite(p2, "z_pos")
         if variant == "covariance":
             zn, pn = _standardize(z2, dtype), _standardize(p2, dtype)
             c_diag = (zn * pn).sum(dim=0) / (b - 1)  # (dim,): C_mm
             total = _covariance_sum_sq(zn, pn)
             w = off_diagonal_weight
             loss = (1 - c_diag).square().sum() + w * (total - c_diag.square().sum())
-            return loss / dim**2 if normalize_by_dim else loss
+            loss = loss / dim**2 if normalize_by_dim else loss
+            return _checked(loss, (z2, "z"), (p2, "z_pos"))
         z2c, p2c = z2.to(dtype), p2.to(dtype)
         if variant == "infonce_cosine":
-            n_z = torch.linalg.vector_norm(z2c, dim=1).clamp_min(_NORM_EPS)
-            n_p = torch.linalg.vector_norm(p2c, dim=1).clamp_min(_NORM_EPS)
-            pos = -(z2c * p2c).sum(dim=1) / (n_z * n_p)
+            # -cos = (1 - cos) - 1 with 1 - cos from differences: views are often nearly
+            # parallel, where the plain dot-product form loses the gradient's digits.
+            pos = _cos_gap(z2c, p2c, _norms(z2c, dtype), _norms(p2c, dtype))[1] - 1
         else:
             pos = (z2c - p2c).square().sum(dim=1)
             if normalize_by_dim:
                 pos = pos / dim
         pos_term = pos.square().mean() if variant == "hinge" else pos.mean() / tau
-        return pos_term + _dispersive_2d(
+        loss = pos_term + _dispersive_2d(
             z2,
             variant=variant,
             tau=tau,
@@ -565,6 +784,7 @@ def contrastive_loss(
             include_diagonal=include_diagonal,
             dtype=dtype,
         )
+    return _checked(loss, (z2, "z"), (p2, "z_pos"))
 
 
 @torch.no_grad()
