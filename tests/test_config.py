@@ -447,3 +447,25 @@ def test_fashion_mnist_presets_differ_only_in_dispersive():
     disp = load_config(CONFIGS / "fashion-mnist-disp.toml")
     assert base.dispersive.weight == 0.0 and disp.dispersive.weight > 0
     assert dataclasses.replace(disp, dispersive=base.dispersive) == base
+
+
+def test_choices_are_the_librarys_own_names():
+    # One source of names: a new variant, path, t distribution, sampler or feature network is
+    # added to its library registry and the config accepts it, with nothing copied here.
+    from dispersive import losses, paths, samplers, timesteps
+    from dispersive.eval.features import FEATURES
+    from dispersive.generate import KIND_SAMPLERS
+    from dispersive.objectives import TWO_VIEW_MODES
+    from dispersive.train.data import DATASETS
+
+    assert CHOICES["dispersive.variant"] is losses.VARIANTS
+    assert CHOICES["dispersive.scope"] is losses.SCOPES
+    assert CHOICES["objective.t_dist"] is timesteps.T_DISTS
+    assert CHOICES["objective.path"] == tuple(paths.PATHS)
+    assert CHOICES["objective.two_view"] == ("none", *TWO_VIEW_MODES)
+    assert CHOICES["objective.kind"] == tuple(KIND_SAMPLERS)
+    assert CHOICES["sample.sampler"] == tuple(samplers.SAMPLERS)
+    assert CHOICES["eval.features"] is FEATURES and CHOICES["data.name"] is DATASETS
+    # Every sampler a kind allows exists, and every sampler fits some kind.
+    by_kind = [s for names in KIND_SAMPLERS.values() for s in names]
+    assert sorted(by_kind) == sorted(samplers.SAMPLERS)

@@ -35,6 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from dispersive.errors import UserError
+from dispersive.eval.features import FEATURES
+from dispersive.generate import KIND_SAMPLERS
+from dispersive.losses import SCOPES, VARIANTS
+from dispersive.objectives import TWO_VIEW_MODES
+from dispersive.paths import PATHS
+from dispersive.samplers import SAMPLERS
+from dispersive.timesteps import T_DISTS
+from dispersive.train.data import DATASETS
 
 __all__ = [
     "ModelConfig",
@@ -84,7 +92,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | imagefolder | latents | synthetic
+    name: str = "fashion-mnist"  # train.data.DATASETS
     path: str = ""  # "" = the dataset's default folder
     hflip: bool = False
     num_workers: int = 0  # DataLoader workers (imagefolder only)
@@ -93,9 +101,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    kind: str = "flow"  # flow | ddpm | meanflow
-    path: str = "linear"  # linear | gvp (flow)
-    t_dist: str = "uniform"  # uniform | logit_normal
+    kind: str = "flow"  # flow | ddpm | meanflow (generate.KIND_SAMPLERS)
+    path: str = "linear"  # paths.PATHS (flow)
+    t_dist: str = "uniform"  # timesteps.T_DISTS
     t_mean: float = 0.0
     t_std: float = 1.0
     label_dropout: float = 0.1
@@ -115,7 +123,7 @@ class ObjectiveConfig:
 class DispersiveConfig:
     weight: float = 0.0  # lambda; 0 = exactly the baseline
     tau: float = 0.5
-    variant: str = "infonce_l2"  # infonce_l2 | infonce_cosine | hinge | covariance
+    variant: str = "infonce_l2"  # losses.VARIANTS
     layers: tuple[str, ...] = ("blocks.1",)  # FeatureTap names (model.block_names)
     scope: str = "local"  # local (per device, the paper/authors) | global (gathered)
     group_size: int = 0  # samples per loss group; 0 = the whole local (or global) batch
@@ -155,7 +163,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "heun"  # euler | heun | euler_maruyama | ddpm | ddim | meanflow
+    sampler: str = "heun"  # samplers.SAMPLERS, one of generate.KIND_SAMPLERS[objective.kind]
     steps: int = 25
     cfg_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
@@ -166,7 +174,7 @@ class SampleConfig:
 class EvalConfig:
     every: int = 0  # proxy FID every K steps (0 = off)
     num_samples: int = 2000
-    features: str = "fashion-mnist"  # fashion-mnist | inception
+    features: str = "fashion-mnist"  # eval.features.FEATURES
 
 
 @dataclass(frozen=True)
@@ -183,20 +191,21 @@ class Config:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
-# Enumerated keys: "section.key" -> valid values.
+# Enumerated keys: "section.key" -> valid values. The names come from the library's own
+# registries, so a new variant, path, sampler or feature network is added in one place.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.init_weights": ("ema", "model"),
-    "data.name": ("fashion-mnist", "cifar10", "imagefolder", "latents", "synthetic"),
-    "objective.kind": ("flow", "ddpm", "meanflow"),
-    "objective.path": ("linear", "gvp"),
-    "objective.t_dist": ("uniform", "logit_normal"),
-    "objective.two_view": ("none", "independent", "restricted"),
-    "dispersive.variant": ("infonce_l2", "infonce_cosine", "hinge", "covariance"),
-    "dispersive.scope": ("local", "global"),
+    "data.name": DATASETS,
+    "objective.kind": tuple(KIND_SAMPLERS),
+    "objective.path": tuple(PATHS),
+    "objective.t_dist": T_DISTS,
+    "objective.two_view": ("none", *TWO_VIEW_MODES),
+    "dispersive.variant": VARIANTS,
+    "dispersive.scope": SCOPES,
     "train.precision": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "sample.sampler": ("euler", "heun", "euler_maruyama", "ddpm", "ddim", "meanflow"),
-    "eval.features": ("fashion-mnist", "inception"),
+    "sample.sampler": tuple(SAMPLERS),
+    "eval.features": FEATURES,
 }
 
 # Numeric ranges: "section.key" -> (low, high, low_inclusive, high_inclusive); None = unbounded.
@@ -596,13 +605,6 @@ def model_kwargs(model_cfg: ModelConfig) -> dict:
     }
 
 
-_SAMPLERS_BY_KIND = {
-    "flow": ("euler", "heun", "euler_maruyama"),
-    "ddpm": ("ddpm", "ddim"),
-    "meanflow": ("meanflow",),
-}
-
-
 def meta_model(model_cfg: ModelConfig) -> Any:
     """The config's model on the meta device: its structure (layer names, kind) without memory
     or weights, so that building it is instant even for XL models."""
@@ -696,10 +698,10 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
     lo, hi = cfg.sample.cfg_interval
     if not (0.0 <= lo <= hi <= 1.0):
         raise UserError(f"sample.cfg_interval = [{lo}, {hi}] must satisfy 0 <= min <= max <= 1")
-    if cfg.sample.sampler not in _SAMPLERS_BY_KIND[obj.kind]:
+    if cfg.sample.sampler not in KIND_SAMPLERS[obj.kind]:
         raise UserError(
             f"sample.sampler = '{cfg.sample.sampler}' does not fit objective.kind = "
-            f"'{obj.kind}'; use one of: {', '.join(_SAMPLERS_BY_KIND[obj.kind])}"
+            f"'{obj.kind}'; use one of: {', '.join(KIND_SAMPLERS[obj.kind])}"
         )
     if obj.kind != "flow" and obj.path != "linear":
         raise UserError(

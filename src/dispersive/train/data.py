@@ -34,6 +34,7 @@ from torch import Tensor
 from dispersive.errors import UserError
 
 __all__ = [
+    "DATASETS",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "read_idx",
@@ -51,6 +52,8 @@ __all__ = [
     "BatchLoader",
 ]
 
+#: Valid ``data.name`` values (:func:`build_dataset`).
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "latents", "synthetic")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
