@@ -7,6 +7,8 @@
     python scripts/study_tables.py long         # baseline vs InfoNCE-l2 per step and seed
     python scripts/study_tables.py paired       # every arm against the baseline, seed by seed
     python scripts/study_tables.py norm-fid     # rank correlation of feature norm and proxy FID
+    python scripts/study_tables.py power        # seeds per arm for a 95% CI within +-5%
+    python scripts/study_tables.py noise        # evaluation noise of the proxy FID (real images)
 
 "mean dist" and "active pairs" are logged on the run's first loss layer at the run's tau (the
 baseline: blocks.0, tau 0.5).
@@ -150,14 +152,15 @@ def _label(d: dict) -> str:
     return f"{VARIANT_NAMES[d['variant']]}, lambda={d['weight']}, tau={d['tau']}, {layers}"
 
 
-def paired(runs: Path, step: int = 4000) -> str:
-    """Every dispersive arm on disk against the baseline at the same seed, then pooled.
+def _paired_values(runs: Path, step: int):
+    """Proxy FID at ``step`` per seed: the baseline's, every dispersive arm's by label, and
+    each run's host (``host_of``: key and sessions) by (label, seed)."""
+    from types import SimpleNamespace
 
-    A pair is (arm's proxy FID - baseline's) at ``step`` for one seed: same initial weights,
-    data order and noise. The pooled rows count every pair of every arm of one variant, so
-    they say how often the regulariser beat the baseline over the whole study.
-    """
+    from dispersive.experiments.results import host_of
+
     values: dict[str, dict[int, float]] = {}
+    hosts: dict[tuple[str, int], SimpleNamespace] = {}
     for d in _run_dirs(runs):
         disp = _dispersive(d)
         if disp is None or (disp["weight"] == 0 and not _is_baseline(disp)):
@@ -166,31 +169,182 @@ def paired(runs: Path, step: int = 4000) -> str:
         if at:
             arm = "baseline" if disp["weight"] == 0 else _label(disp)
             values.setdefault(arm, {})[_seed(d)] = float(at[-1]["proxy_fid"])
-    base = values.pop("baseline", {})
+            host, sessions = host_of(d)
+            hosts[arm, _seed(d)] = SimpleNamespace(host=host, sessions=sessions)
+    return values.pop("baseline", {}), values, hosts
+
+
+def t_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, float | None]:
+    """Mean, sample SD (ddof 1) and the half-width of the t-based CI of the mean."""
+    from dispersive.experiments.results import t_ci_halfwidth
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((x - mean) ** 2 for x in diffs) / (n - 1)) ** 0.5 if n > 1 else None
+    return mean, sd or 0.0, t_ci_halfwidth(sd, n, level)
+
+
+def paired(runs: Path, step: int = 4000) -> str:
+    """Every dispersive arm on disk against the baseline at the same seed, then pooled.
+
+    A pair is (arm's proxy FID - baseline's) at ``step`` for one seed: same initial weights,
+    data order and noise. Per arm: mean, sample SD (ddof 1), t-based 95% CI, range and how
+    many pairs the arm was better. A pair counts as one only if both runs recorded the same
+    host and session (``host.json``); runs from before host recording are shown as "not
+    recorded". The pooled rows share the baseline runs between arms, so their pairs are not
+    independent: they count, without a CI.
+    """
+    from dispersive.experiments.results import pair_kind
+
+    base, values, hosts = _paired_values(runs, step)
     lines = [
-        "| arm | seeds | paired Δ mean | min | max | better/seeds |",
-        "|---|---|---|---|---|---|",
+        "| arm | pairs | paired Δ mean | SD (ddof 1) | 95% CI (t) | min | max | better/pairs "
+        "| host |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     pooled: dict[str, list[float]] = {}
     arms_of: dict[str, int] = {}
 
-    def row(name: str, diffs: list[float]) -> str:
-        better = sum(x < 0 for x in diffs)
-        return (
-            f"| {name} | {len(diffs)} | {sum(diffs) / len(diffs):+.2f} | {min(diffs):+.2f} "
-            f"| {max(diffs):+.2f} | {better}/{len(diffs)} |"
-        )
-
     for arm, vals in sorted(values.items()):
-        diffs = [v - base[s] for s, v in sorted(vals.items()) if s in base]
-        if diffs:
-            variant = arm.split(",")[0]
-            pooled.setdefault(variant, []).extend(diffs)
-            arms_of[variant] = arms_of.get(variant, 0) + 1
-            lines.append(row(arm, diffs))
+        kinds = {s: pair_kind(hosts[arm, s], hosts["baseline", s]) for s in vals if s in base}
+        seeds = [s for s, k in kinds.items() if k != "unpaired"]
+        diffs = [vals[s] - base[s] for s in seeds]
+        if not diffs:
+            continue
+        variant = arm.split(",")[0]
+        pooled.setdefault(variant, []).extend(diffs)
+        arms_of[variant] = arms_of.get(variant, 0) + 1
+        mean, sd, ci = t_ci(diffs)
+        interval = "–" if ci is None else f"[{mean - ci:+.2f}, {mean + ci:+.2f}]"
+        unknown = sum(kinds[s] == "unknown" for s in seeds)
+        unpaired = len(kinds) - len(seeds)
+        host = "not recorded" if unknown == len(seeds) else f"same ({len(seeds) - unknown})"
+        if unpaired:
+            host += f"; {unpaired} unpaired (other host/session)"
+        lines.append(
+            f"| {arm} | {len(diffs)} | {mean:+.2f} | {sd:.2f} | {interval} | {min(diffs):+.2f} "
+            f"| {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/{len(diffs)} | {host} |"
+        )
     for variant, diffs in pooled.items():
         if arms_of[variant] > 1:  # one arm: its own row says it all
-            lines.append(row(f"**all {arms_of[variant]} {variant} arms (pooled)**", diffs))
+            mean = sum(diffs) / len(diffs)
+            lines.append(
+                f"| **all {arms_of[variant]} {variant} arms (pooled; pairs share baseline "
+                f"runs, not independent)** | {len(diffs)} | {mean:+.2f} | – | – "
+                f"| {min(diffs):+.2f} | {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/"
+                f"{len(diffs)} | – |"
+            )
+    return "\n".join(lines)
+
+
+def seeds_needed(sd: float, target: float, level: float = 0.95, n_max: int = 1000) -> int:
+    """The smallest n >= 2 whose t-based CI half-width t_{n-1} * sd / sqrt(n) is <= target."""
+    from scipy.stats import t
+
+    for n in range(2, n_max + 1):
+        if t.ppf(0.5 + level / 2, n - 1) * sd / n**0.5 <= target:
+            return n
+    return n_max
+
+
+def power(runs: Path, step: int = 4000, rel: float = 0.05) -> str:
+    """Seeds per arm for a 95% CI of the paired difference within +-rel of the baseline mean.
+
+    From the measured paired differences of every arm (sample SD, ddof 1) and, pooled over arms
+    (variances averaged with their degrees of freedom), for the InfoNCE-l2 arms and all arms;
+    plus the unpaired design (two independent means) from the pooled SD of the arms' values.
+    """
+    from scipy.stats import t
+
+    base, values, _ = _paired_values(runs, step)
+    bmean = sum(base.values()) / len(base)
+    target = rel * bmean
+    lines = [
+        f"Baseline mean {bmean:.2f} (n = {len(base)}): target 95% CI half-width {target:.2f} "
+        f"(±{100 * rel:.0f}%).",
+        "",
+        "| arm | pairs | SD of paired Δ | 95% CI half-width now | seeds needed |",
+        "|---|---|---|---|---|",
+    ]
+    pools: dict[str, list[tuple[int, float]]] = {"InfoNCE l2": [], "all": []}
+    for arm, vals in sorted(values.items()):
+        diffs = [vals[s] - base[s] for s in sorted(vals) if s in base]
+        if len(diffs) < 2:
+            continue
+        _, sd, ci = t_ci(diffs)
+        pools["all"].append((len(diffs) - 1, sd))
+        if arm.startswith("InfoNCE l2"):
+            pools["InfoNCE l2"].append((len(diffs) - 1, sd))
+        lines.append(
+            f"| {arm} | {len(diffs)} | {sd:.2f} | ±{ci:.2f} | {seeds_needed(sd, target)} |"
+        )
+    for name, items in pools.items():
+        df = sum(k for k, _ in items)
+        sd = (sum(k * v * v for k, v in items) / df) ** 0.5
+        lines.append(
+            f"| **pooled over {'the InfoNCE-l2' if name != 'all' else 'all'} arms** (df {df}) "
+            f"| – | {sd:.2f} | – | {seeds_needed(sd, target)} |"
+        )
+    # Unpaired: difference of two means with n runs each, pooled SD of single runs.
+    arms = [base, *values.values()]
+    df = sum(len(v) - 1 for v in arms if len(v) > 1)
+    var = sum(
+        sum((x - sum(v.values()) / len(v)) ** 2 for x in v.values()) for v in arms if len(v) > 1
+    )
+    sd1 = (var / df) ** 0.5
+    n_unpaired = next(
+        n for n in range(2, 1001) if t.ppf(0.975, 2 * n - 2) * sd1 * (2 / n) ** 0.5 <= target
+    )
+    lines += [
+        "",
+        f"Unpaired (two independent means, n runs each): pooled SD of one run {sd1:.2f} "
+        f"(df {df}), {n_unpaired} seeds per arm.",
+    ]
+    return "\n".join(lines)
+
+
+def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0) -> str:
+    """Proxy FID of real held-out images (the Fashion-MNIST test set) against the training
+    statistics, over ``repeats`` random subsets of each size: the metric's floor and its spread
+    at the sample counts the study uses. Subsets of 5,000 of the 10,000 test images overlap, so
+    their SD understates that of independent draws by about sqrt(1 - n / 10000)."""
+    import numpy as np
+    import torch
+
+    from dispersive.eval.features import ASSETS_DIR, REF_STATS_FILE, get_extractor
+    from dispersive.eval.fid import (
+        feature_statistics,
+        frechet_distance,
+        kernel_inception_distance,
+        load_statistics,
+    )
+    from dispersive.train.data import load_fashion_mnist
+
+    test, _ = load_fashion_mnist(None, train=False)
+    train, _ = load_fashion_mnist(None, train=True)
+    ext = get_extractor("fashion-mnist")
+    f_test, _ = ext(test[..., None])
+    f_train, _ = ext(train[..., None])
+    ref = load_statistics(ASSETS_DIR / REF_STATS_FILE)
+    rng = np.random.default_rng(seed)
+    lines = [
+        "| images | subsets | FD mean | FD sample SD (ddof 1) | KID mean | KID sample SD |",
+        "|---|---|---|---|---|---|",
+    ]
+    full = feature_statistics(f_test)
+    fd_full = frechet_distance(full.mu, full.sigma, ref.mu, ref.sigma)
+    for n in sizes:
+        fds, kids = [], []
+        for _ in range(repeats):
+            idx = torch.from_numpy(rng.choice(len(test), n, replace=False))
+            st = feature_statistics(f_test[idx])
+            fds.append(frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma))
+            kids.append(kernel_inception_distance(f_train, f_test[idx], seed=seed)[0])
+        lines.append(
+            f"| {n:,} test images | {repeats} | {np.mean(fds):.3f} | {np.std(fds, ddof=1):.3f} "
+            f"| {np.mean(kids):.5f} | {np.std(kids, ddof=1):.5f} |"
+        )
+    lines.append(f"| all 10,000 test images | 1 | {fd_full:.3f} | – | – | – |")
     return "\n".join(lines)
 
 
@@ -226,7 +380,7 @@ def norm_fid(runs: Path, step: int = 4000, block: str = "blocks.0") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["dispersion", "long", "paired", "norm-fid"])
+    p.add_argument("table", choices=["dispersion", "long", "paired", "norm-fid", "power", "noise"])
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
     p.add_argument("--grid", choices=sorted(GRIDS), default="variants", help="dispersion only")
     p.add_argument(
@@ -236,8 +390,10 @@ def main() -> None:
     args = p.parse_args()
     if args.table == "dispersion":
         print(dispersion(args.runs, steps=tuple(args.steps), grid=args.grid))
+    elif args.table == "noise":
+        print(noise())
     else:
-        tables = {"long": long, "paired": paired, "norm-fid": norm_fid}
+        tables = {"long": long, "paired": paired, "norm-fid": norm_fid, "power": power}
         print(tables[args.table](args.runs))
 
 

@@ -152,10 +152,11 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     # Paired with the baseline of the same seed (proxy FID 30 + weight at step 4000).
     rows = {r.split(" | ")[0][2:]: r for r in tables.paired(tmp_path).splitlines()[2:]}
     hinge = rows["Hinge, lambda=0.5, tau=0.5, blocks.0"]
-    assert hinge.endswith("| 1 | +0.50 | +0.50 | +0.50 | 0/1 |")
-    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith("| +1.00 | 0/1 |")
-    pooled = rows["**all 3 InfoNCE l2 arms (pooled)**"]
-    assert pooled.endswith("| 3 | +0.67 | +0.50 | +1.00 | 0/3 |")  # lt, b2 and all
+    # One pair: no SD beyond 0 and no CI; the host was not recorded (no host.json).
+    assert hinge.endswith("| 1 | +0.50 | 0.00 | – | +0.50 | +0.50 | 0/1 | not recorded |")
+    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith("| 0/1 | not recorded |")
+    pooled = rows["**all 3 InfoNCE l2 arms (pooled; pairs share baseline runs, not independent)**"]
+    assert pooled.endswith("| 3 | +0.67 | – | – | +0.50 | +1.00 | 0/3 | – |")  # lt, b2 and all
     assert "baseline" not in rows and len(rows) == 7  # 5 arms; 2 variants with 2+ arms
 
     # Rank correlation of the blocks.0 norm (10 + mean dist) with the proxy FID at step 4000,
@@ -273,3 +274,17 @@ def test_the_runner_records_the_host_of_every_training_stage(tmp_path):
     key, sessions = host_of(tmp_path)
     assert key == info["key"] and sessions == {info["session"]}
     assert host_of(tmp_path / "nothing") == (None, frozenset())
+
+
+def test_power_gives_the_seeds_whose_t_interval_is_within_the_target():
+    from scipy.stats import t
+
+    tables = _study_tables()
+    for sd, target in ((3.7, 1.76), (1.0, 1.0), (6.5, 1.76)):
+        n = tables.seeds_needed(sd, target)
+        assert t.ppf(0.975, n - 1) * sd / np.sqrt(n) <= target
+        assert t.ppf(0.975, n - 2) * sd / np.sqrt(n - 1) > target  # n - 1 is not enough
+    assert tables.seeds_needed(0.0, 1.0) == 2
+    mean, sd, ci = tables.t_ci([1.0, 2.0, 6.0])
+    assert (mean, sd) == (3.0, pytest.approx(np.std([1, 2, 6], ddof=1)))
+    assert ci == pytest.approx(4.302653 * sd / np.sqrt(3), rel=1e-6)  # t_{0.975, 2}
