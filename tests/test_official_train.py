@@ -119,3 +119,39 @@ def test_bad_init_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="has sha256 .* expected 0+"):
         _run(tmp_path, "sum", f'model.init="{init}"', f'model.init_sha256="{"0" * 64}"')
     assert latest_checkpoint(tmp_path / "sum") is None
+
+
+def test_sample_command_reads_an_official_checkpoint(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from dispersive.cli import main
+
+    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL  # the "latents" extra
+
+    # SiT-XS/2 at 8x8x4 latents, 10 classes, and a tiny random VAE (no downsampling).
+    path = tmp_path / "SiT-XS-2.pt"
+    torch.save(official_state(hidden=64, depth=4, patch=2, channels=4, classes=10, grid=4), path)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "out"
+    args = ["sample", "--ckpt", str(path), "--official", "SiT-XS/2", "--steps", "2"]
+    args += ["--num", "4", "--grid", "0", "--device", "cpu", "--outdir", str(out)]
+    assert main(args) == 2  # no --vae: a one-line error
+    assert "give --vae" in capsys.readouterr().err
+    assert main([*args, "--vae", str(tmp_path / "vae")]) == 0
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["official"] is True and spec["model"] == "SiT-XS/2" and spec["ema"] is True
+    assert spec["vae"] == str(tmp_path / "vae") and spec["checkpoint_step"] is None
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (4, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+        assert z["arr_1"].tolist() == [0, 1, 2, 3]

@@ -13,7 +13,16 @@ seeded with ``seed * 1_000_003 + c`` and the labels ``(i mod num_classes)`` of i
 indices ``i`` (exactly class-balanced). Chunks are dealt round-robin to ranks, so the output is
 the same for any number of ranks (given the same seed and batch size).
 Grayscale samples keep C = 1 in the .npz; the ADM evaluator needs 3 channels (replicate them).
-Latent models are decoded through the VAE recorded in the latents' meta.json (``data.path``).
+Latent models are decoded through the VAE recorded in the latents' meta.json (``data.path``),
+or through ``--vae``.
+
+Official DiT / SiT checkpoints (docs/architecture.md, "Official DiT / SiT checkpoints"):
+
+    dispersive sample --ckpt SiT-XL-2-256x256.pt --official SiT-XL/2 --vae sd-vae-ft-ema/ ...
+
+``--official NAME`` reads ``--ckpt`` as an official file (``dispersive.models.load_official``;
+EMA weights of a training dict unless ``--no-ema``); the model's kind picks the defaults
+(SiT: flow on the linear path; DiT: DDPM), and ``--vae`` is required to decode its latents.
 """
 
 from __future__ import annotations
@@ -53,15 +62,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=int, default=64, help="samples shown in grid.png (0 = none)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of EMA")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--official",
+        metavar="NAME",
+        default=None,
+        help="--ckpt is an official DiT / SiT checkpoint of this model (e.g. SiT-XL/2)",
+    )
+    p.add_argument("--sha256", default=None, help="verify the --official file's sha256 first")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="decode latents through this VAE (local folder or cached Hugging Face ID); "
+        "default: the one in the run's latents meta.json",
+    )
 
 
-def _decoder(config: dict, device):
-    """For latent runs, a function z -> images through the recorded VAE; else None."""
+def _official(args: argparse.Namespace, device) -> tuple:
+    """An official checkpoint: the model and a stand-in for the run config it lacks."""
+    from dispersive.errors import UserError
+    from dispersive.models import load_official
+
+    if not args.vae:
+        raise UserError(
+            "--official models make VAE latents; give --vae PATH_OR_ID (e.g. a local copy of "
+            "stabilityai/sd-vae-ft-ema, the VAE of the published DiT / SiT numbers)"
+        )
+    weights = "model" if args.no_ema else "ema"
+    model = load_official(args.official, args.ckpt, weights=weights, sha256=args.sha256)
+    model.to(device).requires_grad_(False)
+    kind = model.kind  # SiT: flow, linear path; DiT: DDPM with learned variance
+    config = {
+        "model": {"name": args.official, "official": True, "weights": weights},
+        "objective": {"kind": kind, "path": "linear"},
+        "sample": {"sampler": "ddpm" if kind == "ddpm" else "heun", "steps": 250},
+        "data": {"name": "latents"},
+    }
+    return model, config, None
+
+
+def _decoder(config: dict, device, vae_id: str | None = None):
+    """For latent runs, a function z -> images through ``vae_id`` or the recorded VAE."""
     data = config.get("data", {})
     if data.get("name") != "latents":
         return None, None
-    from dispersive.train.latents import decode_latents, load_vae_from_meta, read_meta
+    from dispersive.train.latents import (
+        SD_VAE_SCALE,
+        decode_latents,
+        load_vae,
+        load_vae_from_meta,
+        read_meta,
+    )
 
+    if vae_id:  # official DiT / SiT: the Stable Diffusion VAE's scale 0.18215
+        scale = float(read_meta(data["path"])["scale"]) if data.get("path") else SD_VAE_SCALE
+        vae = load_vae(vae_id, device=device)
+        return (lambda z: decode_latents(vae, z, scale=scale)), vae_id
     vae, scale = load_vae_from_meta(data["path"], device=device)
     meta = read_meta(data["path"])
     return (lambda z: decode_latents(vae, z, scale=scale)), meta.get("vae")
@@ -79,7 +134,12 @@ def run(args: argparse.Namespace) -> int:
 
     info = init_distributed(device=args.device)
     try:
-        model, config, step = load_model(args.ckpt, ema=not args.no_ema, map_location=info.device)
+        if args.official:
+            model, config, step = _official(args, info.device)
+        else:
+            model, config, step = load_model(
+                args.ckpt, ema=not args.no_ema, map_location=info.device
+            )
         sc = config.get("sample", {})
         sampler = args.sampler or sc.get("sampler", "heun")
         steps = args.steps if args.steps is not None else int(sc.get("steps", 25))
@@ -91,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         if num < 1 or args.batch_size < 1:
             raise UserError("--num and --batch-size must be >= 1")
         ncls = int(getattr(model, "num_classes", 0) or 0)
-        decode, vae_id = _decoder(config, info.device)
+        decode, vae_id = _decoder(config, info.device, args.vae)
         extra = {}
         if decode is not None:
             # Latents are not images: they must not be clamped to [-1, 1] before decoding.
@@ -165,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint_step": step,
                 "ema": not args.no_ema,
                 "model": config.get("model", {}).get("name", type(model).__name__),
+                "official": bool(args.official),
                 "path": path,
                 "vae": vae_id,
                 "world_size": info.world_size,
