@@ -50,6 +50,7 @@ from dispersive.models.layers import sincos_pos_embed_2d
 
 __all__ = [
     "OFFICIAL_FAMILIES",
+    "WEIGHTS",
     "official_conventions",
     "read_checkpoint",
     "official_state_dict",
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 OFFICIAL_FAMILIES = ("DiT", "SiT")
-WEIGHTS = ("ema", "model")
+WEIGHTS = ("ema", "model")  # which weights of a training checkpoint (the EMA: what papers sample)
 _PREFIXES = ("module.", "_orig_mod.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 # Keys every official DiT / SiT state dict has; their absence means another layout.

@@ -38,6 +38,7 @@ from dispersive.errors import UserError
 from dispersive.eval.features import FEATURES
 from dispersive.generate import KIND_SAMPLERS
 from dispersive.losses import SCOPES, VARIANTS
+from dispersive.models.official import WEIGHTS
 from dispersive.objectives import TWO_VIEW_MODES
 from dispersive.paths import PATHS
 from dispersive.samplers import SAMPLERS
@@ -194,7 +195,7 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 # Enumerated keys: "section.key" -> valid values. The names come from the library's own
 # registries, so a new variant, path, sampler or feature network is added in one place.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.init_weights": ("ema", "model"),
+    "model.init_weights": WEIGHTS,
     "data.name": DATASETS,
     "objective.kind": tuple(KIND_SAMPLERS),
     "objective.path": tuple(PATHS),
