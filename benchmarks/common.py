@@ -2,7 +2,10 @@
 
 - :func:`interleaved_medians`: wall-clock medians of several functions run in interleaved
   order, so that machine noise (other processes, thermal state) hits all of them alike and the
-  ratios computed from one run are meaningful.
+  ratios computed from one run are meaningful. :func:`interleaved_times` returns every sample.
+- :func:`median_ci` and :func:`verdict`: a distribution-free confidence interval of a median
+  (e.g. of per-round ratios), and a target verdict that is only "met" / "not met" when that
+  whole interval lies on one side of the target ("within noise" otherwise).
 - :func:`peak_extra_bytes_in_child`: peak resident memory added by one call, measured in a
   fresh Python process (CPU-friendly: no CUDA allocator statistics needed). The child resets the
   kernel's high-water mark (``/proc/self/clear_refs``) after its setup and reads ``VmHWM``.
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -41,11 +45,12 @@ def ensure_importable() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time in seconds of each function, runs interleaved (A B A B ..., the order
-    reversed every other round so neither always runs first)."""
+) -> dict[str, list[float]]:
+    """Wall times in seconds of each function over ``repeats`` rounds, runs interleaved (A B A B
+    ..., the order reversed every other round so neither always runs first). Element r of every
+    list comes from round r, so per-round ratios pair runs that were close in time."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     names = list(fns)
@@ -58,7 +63,60 @@ def interleaved_medians(
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time in seconds of each function (see :func:`interleaved_times`)."""
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Noise: the spread of a median, and verdicts that stand outside it
+# --------------------------------------------------------------------------------------------
+
+
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(median, lo, hi): the median of ``values`` and a distribution-free confidence interval.
+
+    The interval is [x_(k), x_(n+1-k)] of the sorted values, with the largest k whose coverage
+    1 - 2 P(Binomial(n, 1/2) < k) is still >= ``level`` (no assumption about the noise's shape,
+    which on a shared machine is skewed). With fewer than 6 values even the full range covers
+    less than 95%; the range is returned then (coverage 1 - 2^(1-n)).
+    """
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    k = 1
+    while k < n // 2 and 1 - 2 * _binom_cdf(k + 1, n) >= level:  # coverage of k + 1
+        k += 1
+    return statistics.median(xs), xs[k - 1], xs[n - k]
+
+
+def _binom_cdf(k: int, n: int) -> float:
+    """P(Binomial(n, 1/2) <= k - 1) (the probability that fewer than k values lie below the
+    median)."""
+    return sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+def verdict(lo: float, hi: float, target: float, *, below: bool) -> str:
+    """ "met", "not met" or "within noise" for the target ``x < target`` (``below=True``) or
+    ``x >= target`` (``below=False``), given the interval [lo, hi] of x."""
+    good_lo, good_hi = (hi < target, lo >= target) if below else (lo >= target, hi < target)
+    if good_lo:
+        return "met"
+    if good_hi:
+        return "not met"
+    return "within noise"
+
+
+def fmt_ci(mid: float, lo: float, hi: float, fmt: str = "{:.1f}", unit: str = "") -> str:
+    """ "mid (lo to hi)unit", e.g. "72.4 (70.1 to 75.0)%"."""
+    return f"{fmt.format(mid)}{unit} ({fmt.format(lo)} to {fmt.format(hi)}{unit})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,3 +214,97 @@ def write_markdown_section(path: Path, name: str, body: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU's fp32 FMA peak: a ceiling no kernel can pass
+# --------------------------------------------------------------------------------------------
+
+# A chain of dependent integer adds retires one add per cycle on every x86-64 core, so adds / s
+# is the core's clock while it runs (turbo included, which the nominal "cpu MHz" of a VM is not).
+# Many short runs (~3 ms each) and the best of them: a run that was descheduled only looks
+# slower, and on a busy machine only short runs fit between two preemptions.
+_CLOCK_C = r"""
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    unsigned long x = 0;
+    double best = 0;
+    for (int r = 0; r < %d; r++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (unsigned long i = 0; i < %dUL; i++)
+            __asm__ volatile("add $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0\n\t"
+                             "add $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0" : "+r"(x));
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        double s = (b.tv_sec - a.tv_sec) + 1e-9 * (b.tv_nsec - a.tv_nsec);
+        double ghz = 8.0 * %d / s / 1e9;
+        if (ghz > best) best = ghz;
+    }
+    printf("%%.6f %%lu\n", best, x);
+    return 0;
+}
+"""
+
+
+def _nominal_ghz() -> float:
+    mhz = [
+        float(line.split(":", 1)[1])
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("cpu MHz")
+    ]
+    return max(mhz) / 1e3 if mhz else 0.0
+
+
+def measured_clock_ghz(repeats: int = 300, iters: int = 1_000_000) -> tuple[float, str]:
+    """(GHz, how): the core clock, for a ceiling (an over-estimate is safe, an under-estimate
+    is not): the larger of the best of ``repeats`` dependent-add loops of ``iters`` x 8 adds
+    (compiled with the system's C compiler) and the nominal "cpu MHz" of /proc/cpuinfo. Only
+    the nominal clock without a C compiler or on non-x86 CPUs."""
+    import shutil
+    import tempfile
+
+    nominal = _nominal_ghz()
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc and platform.machine() in ("x86_64", "AMD64"):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = Path(tmp) / "clock.c", Path(tmp) / "clock"
+            src.write_text(_CLOCK_C % (repeats, iters, iters))
+            built = subprocess.run([cc, "-O1", "-o", str(exe), str(src)], capture_output=True)
+            if built.returncode == 0:
+                out = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+                ghz = float(out.stdout.split()[0])
+                how = f"measured: best of {repeats} dependent-add loops; nominal {nominal:.2f}"
+                return max(ghz, nominal), how
+    return nominal, "nominal (/proc/cpuinfo cpu MHz; no C compiler to measure it)"
+
+
+def fp32_flops_per_cycle() -> tuple[int, str]:
+    """(FLOP/cycle/core, how) of fp32 FMA from the CPU flags, assuming two FMA pipes per core
+    (every x86 server core since Haswell / Zen 2; an upper bound for others, so still a
+    ceiling): AVX-512F 2 x 16 lanes x 2, AVX2+FMA 2 x 8 x 2, else SSE 2 x 4 x 2 (mul + add)."""
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "avx512f" in flags:
+        return 64, "avx512f: 2 FMA x 16 fp32 lanes x 2"
+    if "avx2" in flags and "fma" in flags:
+        return 32, "avx2+fma: 2 FMA x 8 fp32 lanes x 2"
+    return 16, "sse: 2 x 4 fp32 lanes x 2"
+
+
+def fma_peak_gflops(threads: int) -> dict:
+    """The fp32 peak of ``threads`` cores (capped at the CPUs this process may use)."""
+    cores = min(threads, len(os.sched_getaffinity(0)))
+    fpc, fpc_how = fp32_flops_per_cycle()
+    ghz, ghz_how = measured_clock_ghz()
+    return {
+        "gflops": cores * fpc * ghz,
+        "cores": cores,
+        "flops_per_cycle": fpc,
+        "flops_per_cycle_how": fpc_how,
+        "ghz": ghz,
+        "ghz_how": ghz_how,
+    }

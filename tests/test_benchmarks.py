@@ -1,0 +1,73 @@
+"""The benchmarks' statistics: the interval of a median and the verdicts that rest on it."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from common import fp32_flops_per_cycle, measured_clock_ghz, median_ci, verdict  # noqa: E402
+
+
+def _coverage(n: int, k: int) -> float:
+    """Exact coverage of [x_(k), x_(n+1-k)] for the median of any continuous distribution."""
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 7, 9, 11, 15, 30])
+def test_median_ci_picks_the_narrowest_interval_with_95_percent_coverage(n):
+    xs = list(range(n))
+    random.Random(n).shuffle(xs)
+    mid, lo, hi = median_ci(xs)
+    assert mid == (n - 1) / 2
+    k = int(lo) + 1  # values are 0..n-1, so x_(k) = k - 1
+    assert hi == n - k  # symmetric order statistics
+    if n >= 6:
+        assert _coverage(n, k) >= 0.95
+        if k + 1 <= n // 2:
+            assert _coverage(n, k + 1) < 0.95  # one step narrower would not cover 95%
+    else:
+        assert (lo, hi) == (0, n - 1)  # too few values: the full range
+
+
+def test_median_ci_covers_the_true_median_about_95_percent_of_the_time():
+    rng = random.Random(0)
+    trials, hits = 2000, 0
+    for _ in range(trials):
+        # Skewed noise, as on a shared machine: exponential, median log 2.
+        _, lo, hi = median_ci([rng.expovariate(1.0) for _ in range(11)])
+        hits += lo <= math.log(2) <= hi
+    assert hits / trials >= 0.95 - 3 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_median_ci_rejects_no_values():
+    with pytest.raises(ValueError, match="at least one"):
+        median_ci([])
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "below", "expected"),
+    [
+        (-0.02, 0.005, True, "met"),  # all of [lo, hi] < 1%
+        (0.011, 0.03, True, "not met"),
+        (-0.01, 0.02, True, "within noise"),
+        (0.76, 0.9, False, "met"),  # all of [lo, hi] >= 75%
+        (0.5, 0.74, False, "not met"),
+        (0.7, 0.8, False, "within noise"),
+    ],
+)
+def test_verdict_needs_the_whole_interval_on_one_side(lo, hi, below, expected):
+    target = 0.01 if below else 0.75
+    assert verdict(lo, hi, target, below=below) == expected
+
+
+def test_fma_ceiling_inputs_are_plausible():
+    fpc, how = fp32_flops_per_cycle()
+    assert fpc in (16, 32, 64) and how
+    ghz, how = measured_clock_ghz(repeats=3, iters=1_000_000)
+    assert 0.2 < ghz < 7.0, how
