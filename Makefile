@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` (the main job) and `make test`.
-.PHONY: setup data test lint demo bench study study-save
+.PHONY: setup data test lint demo bench gpu-check study study-save
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,12 @@ demo: setup data
 
 bench: setup data
 	.venv/bin/python benchmarks/run_all.py
+
+# One CUDA GPU, under 8 minutes: loss accuracy and speed, SiT-B/2 and SiT-XL/2 steps (eager and
+# compiled), Heun sampling, DDP over NCCL; writes docs/gpu-check.md and docs/gpu-check.json.
+# Without CUDA it says so and exits 0.
+gpu-check: setup
+	.venv/bin/python benchmarks/gpu_check.py
 
 # The Fashion-MNIST study of docs/results.md: one queue over five grids (hours on 2 cores;
 # resumable: run it again to continue). The kept runs of results/ are restored first, each
