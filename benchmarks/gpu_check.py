@@ -66,6 +66,7 @@ SCHEMA = 1
 DEFAULT_LIMIT_S = 440.0
 WATCHDOG_GRACE_S = 20.0
 OVERHEAD_TARGET = 0.01  # the dispersive term's share of a step (issue 14)
+DDP_GRAD_TOL = 1e-4  # DDP vs plain gradients, relative to each parameter's largest gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +212,14 @@ def authors_loss(z: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _nccl_version() -> str | None:
+    try:
+        v = torch.cuda.nccl.version()  # a tuple (2, 21, 5), or an int in older builds
+    except Exception:  # no NCCL in this build
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def section_environment(device: torch.device, sizes: Sizes, budget: Budget) -> dict:
     res: dict = {
         "torch": torch.__version__,
@@ -228,7 +237,7 @@ def section_environment(device: torch.device, sizes: Sizes, budget: Budget) -> d
             multiprocessors=p.multi_processor_count,
             gpus_visible=torch.cuda.device_count(),
             cudnn=torch.backends.cudnn.version(),
-            nccl=".".join(map(str, torch.cuda.nccl.version())),
+            nccl=_nccl_version(),
             bf16_supported=torch.cuda.is_bf16_supported(),
         )
         try:
@@ -682,7 +691,9 @@ def section_ddp(device: torch.device, sizes: Sizes, budget: Budget) -> dict:
         check("all_reduce over the group", res["all_reduce"] == res["world_size"], "sum of ones"),
         check(
             "DDP gradients (tap, dispersive term) = plain model's",
-            res["max_rel_grad_diff"] <= 1e-5,
+            # Not exactly 0 on CUDA: attention and embedding backward kernels accumulate with
+            # atomics, in an order that can differ between two runs.
+            res["max_rel_grad_diff"] <= DDP_GRAD_TOL,
             f"max relative difference {res['max_rel_grad_diff']:.1e}",
         ),
     ]
@@ -704,7 +715,12 @@ SECTIONS: dict[str, Callable[[torch.device, Sizes, Budget], dict]] = {
 
 
 def run_all(
-    device: torch.device, sizes: Sizes, limit_s: float, only: list[str], result: dict
+    device: torch.device,
+    sizes: Sizes,
+    limit_s: float,
+    only: list[str],
+    result: dict,
+    argv: list[str],
 ) -> dict:
     """Run the chosen sections in order into ``result`` (filled as it goes, so that the
     watchdog can write what is done). A section gets what is left minus the plans of the later
@@ -715,7 +731,7 @@ def run_all(
     result.update(
         schema=SCHEMA,
         started_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        command=" ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+        command=" ".join(["python", "benchmarks/gpu_check.py", *argv]),
         time_limit_s=limit_s,
         sections={},
     )
@@ -969,7 +985,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = _watchdog(args.time_limit + WATCHDOG_GRACE_S, on_fire)
     try:
-        run_all(device, sizes, args.time_limit, args.only, result)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        run_all(device, sizes, args.time_limit, args.only, result, argv)
     finally:
         timer.cancel()
     write_outputs(result, args.tiny, outdir)

@@ -50,7 +50,7 @@ def test_tiny_cpu_run_passes_every_section_and_writes_both_files(tmp_path):
     assert secs["sampling"]["nfe"] == 2 * secs["sampling"]["steps"] - 1  # Heun, final Euler
     ddp = secs["ddp"]
     assert ddp["backend"] == "gloo" and ddp["world_size"] == 1
-    assert ddp["max_rel_grad_diff"] <= 1e-5
+    assert ddp["max_rel_grad_diff"] == 0.0  # CPU: the same kernels, the same order
     headings = ["# GPU check", "## Loss value and gradient", "## Training steps"]
     headings += ["## Heun sampling", "## DDP through torchrun", "Tiny CPU smoke run"]
     assert all(h in md for h in headings)
