@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,30 @@ def test_unknown_block_rule_is_refused():
     p = Preset("x", weight=1.0, tau=1.0, variant="hinge", block_rule="middle", per_device_batch=8)
     with pytest.raises(ValueError, match=r"unknown block rule 'middle'.*first_quarter"):
         resolve_block(p, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TOML presets that carry these settings into training runs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("stem", ["imagenet256-sit-b2", "imagenet256-sit-xl2"])
+def test_authors_pytorch_configs_use_adamw_default_betas(stem):
+    # The authors' train.py (SiT's) builds AdamW(lr=1e-4, weight_decay=0): betas (0.9, 0.999);
+    # the paper's runs (and the base preset) use (0.9, 0.95). Nothing else of the run differs.
+    from dispersive.train.config import load_config
+
+    base = load_config(CONFIGS / f"{stem}.toml")
+    authors = load_config(CONFIGS / f"{stem}-disp-pytorch.toml")
+    adamw_default = torch.optim.AdamW([torch.zeros(1)]).defaults["betas"]
+    assert tuple(authors.optim.betas) == tuple(adamw_default) == (0.9, 0.999)
+    paper = load_config(CONFIGS / f"{stem}-disp.toml")
+    assert tuple(base.optim.betas) == tuple(paper.optim.betas)
+    assert tuple(base.optim.betas) == (0.9, 0.95)
+    same = dataclasses.replace(authors, dispersive=base.dispersive, optim=base.optim)
+    assert same == base
+    assert dataclasses.replace(authors.optim, betas=base.optim.betas) == base.optim
+    p = get_preset("authors-pytorch")
+    assert (authors.dispersive.weight, authors.dispersive.tau) == (p.weight, p.tau)
+    assert "0.999" in p.note

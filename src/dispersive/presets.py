@@ -3,7 +3,9 @@
 - ``"paper"``: lambda 0.5, tau 0.5, infonce_l2, first quarter of the depth
   (``blocks.{depth // 4 - 1}``), per-device batch 16 (paper Sec. 4, JAX).
 - ``"authors-pytorch"``: lambda 0.25, tau 1.0, infonce_l2, last block (``blocks.{depth - 1}``),
-  per-device batch 32 (the authors' public PyTorch code).
+  per-device batch 32 (the authors' public PyTorch code). Its ``train.py`` (SiT's) also differs
+  outside the loss: AdamW with PyTorch's default betas (0.9, 0.999) where the paper's runs use
+  (0.9, 0.95); ``configs/imagenet256-sit-*-disp-pytorch.toml`` set both.
 
 Block names are 0-indexed module paths (as for :class:`dispersive.FeatureTap`); the paper's
 "block 3 of 12" is ``blocks.2``. Both use ``normalize_by_dim=True`` (the authors' code divides
@@ -96,7 +98,8 @@ PRESETS: dict[str, Preset] = {
         block_rule="last",
         per_device_batch=32,
         note="authors' public PyTorch code: lambda 0.25, tau 1.0, last block, squared distance "
-        "divided by the feature count; loss on each GPU's batch of 32",
+        "divided by the feature count; loss on each GPU's batch of 32 (their train.py: AdamW "
+        "with the default betas (0.9, 0.999), not the paper's (0.9, 0.95))",
     ),
 }
 
