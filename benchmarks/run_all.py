@@ -7,7 +7,7 @@ and writes that as the section "demo".
 
 Usage::
 
-    python benchmarks/run_all.py                  # everything, including the ~15 min demo
+    python benchmarks/run_all.py                  # everything, including the demo (7 min measured)
     python benchmarks/run_all.py --skip-demo      # the benchmark scripts only
     python benchmarks/run_all.py --only loss sampling --threads 1
 """

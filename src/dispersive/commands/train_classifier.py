@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(time.time() - t0, 1),  # wall time (inflated on a busy machine)
         "train_cpu_seconds": round(time.process_time() - cpu0, 1),
         "torch": torch.__version__,
+        # Float results (and so the sha256) depend on the thread count and the CPU's kernels.
+        "threads": torch.get_num_threads(),
         "command": "dispersive train-classifier " + shlex.join(sys.argv[2:])
         if len(sys.argv) > 1 and sys.argv[1] == "train-classifier"
         else "dispersive train-classifier",
