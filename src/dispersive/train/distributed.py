@@ -14,6 +14,7 @@ timeout, so no rank hangs forever. NCCL reports timeouts through its asynchronou
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -123,9 +124,22 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistI
     return DistInfo(rank, world_size, local_rank, dev, True)
 
 
+# Process groups destroyed by cleanup_distributed, kept referenced until the interpreter exits.
+_RETIRED: list = []
+atexit.register(_RETIRED.clear)
+
+
 def cleanup_distributed(info: DistInfo) -> None:
     """Destroy the process group if :func:`init_distributed` created it (call in a finally)."""
     if info.initialized_here and dist.is_initialized():
+        # Why the group is kept referenced until exit: a DDP wrapper's C++ reducer also owns
+        # the group, and when the reducer holds the last reference (the training function's
+        # frame is freed after this call), the group's destructor runs with the GIL held and
+        # joins gloo's worker threads, one of which may be waiting for the GIL to free the
+        # tensors of a finished collective: a deadlock at exit (seen under torchrun on a
+        # loaded CPU machine, one rank hanging after "done"). Released at exit through
+        # Python's binding, which drops the GIL while the threads finish.
+        _RETIRED.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 

@@ -1,0 +1,190 @@
+"""The ImageNet path once, end to end, at micro scale on CPU (issue 12, item 8).
+
+    image folder (JPEG + PNG, two classes)
+      -> `dispersive extract-latents` with a tiny random diffusers AutoencoderKL (saved here)
+      -> `dispersive train` of the ImageNet preset (SiT + Dispersive Loss, scope "global",
+         shrunk by --set) under torchrun: 2 processes on one node, and 2 nodes of 1 process
+         each (`--nnodes 2 --node-rank {0,1}`, static rendezvous on 127.0.0.1)
+      -> `dispersive sample` decoding the latents to pixels into an ADM-layout .npz
+      -> `dispersive eval` against an ADM-layout reference batch of the same images.
+
+Nothing is downloaded: the VAE has random weights, and the Inception network of `eval` is
+replaced by a fixed random feature map (the real one is a 100 MB file); the rest of `eval`
+(reading, statistics, Fréchet distance, IS, KID, precision/recall) runs as it does on ImageNet.
+
+Oracles: the multi-node run must equal the single-node run (same global batch, seed and rank
+slices, so the same numbers; a rank that used LOCAL_RANK where RANK is meant would see another
+slice of the data and noise); the samples must be the decoder's output for the latents the
+sampler produced (not clamped); the FID must equal a float64 computation from the features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from dispersive.cli import main  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "imagenet256-sit-b2-disp.toml"
+SIZE = 16  # pixels; the tiny VAE downsamples by 2 -> 4x8x8 latents
+CLASSES = {"n01440764": 6, "n01443537": 6}  # ImageNet-style synset folder names
+STEPS = 3
+TIMEOUT = 200  # a rank that hangs at exit fails the test instead of the suite
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: thread hand-off would dominate on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(var, None)
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Images, the VAE and the extracted latents, shared by every test of the module."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet-e2e")
+    rng = np.random.default_rng(0)
+    for c, (synset, n) in enumerate(CLASSES.items()):
+        (root / "train" / synset).mkdir(parents=True)
+        for i in range(n):
+            # Smooth colour ramps (JPEG-friendly), non-square sizes: the ADM centre crop runs.
+            h, w = SIZE + 2 * i, SIZE + 3 + i
+            yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+            base = rng.uniform(0, 1, 3)
+            img = 255 * np.clip(base + 0.5 * np.stack([yy, xx, (c - 0.5) * yy * xx], -1), 0, 1)
+            ext = "JPEG" if i % 2 == 0 else "png"  # ImageNet files are .JPEG
+            Image.fromarray(img.astype(np.uint8)).save(root / "train" / synset / f"{i}.{ext}")
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=SIZE,
+    ).save_pretrained(root / "vae")
+
+    argv = ["extract-latents", str(root / "train"), str(root / "latents")]
+    argv += ["--vae", str(root / "vae"), "--image-size", str(SIZE), "--shard-size", "8"]
+    argv += ["--batch-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    return root
+
+
+def _train_argv(work: Path, name: str) -> list[str]:
+    sets = [
+        # The preset's objective, optimiser, EMA, label dropout and Dispersive Loss, shrunk:
+        'model.name="SiT-XS/2"',
+        f"model.input_size={SIZE // 2}",
+        f"model.num_classes={len(CLASSES)}",
+        "model.overrides={depth=2, hidden_size=32, num_heads=2}",
+        f"data.path={str(work / 'latents')!r}",
+        'dispersive.scope="global"',
+        "dispersive.group_size=0",
+        'dispersive.layers=["blocks.0"]',
+        f"train.steps={STEPS}",
+        "train.global_batch=8",
+        "train.log_every=1",
+        f"train.ckpt_every={STEPS}",
+        'train.device="cpu"',
+        "train.dist_timeout_s=60",
+        "optim.lr=1e-3",
+        "sample.steps=2",
+        f'train.run_name="{name}"',
+    ]
+    argv = ["-m", "dispersive", "train", str(PRESET), "--outdir", str(work / "runs")]
+    return [*argv, "--no-progress", "--set", *sets]
+
+
+@pytest.fixture(scope="module")
+def runs(work) -> dict[str, Path]:
+    """Train the same run under torchrun on 1 node x 2 processes and on 2 nodes x 1 process."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    port = _free_port()
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "static"]
+    node += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    cmds = {
+        "one-node": [*run, "--standalone", "--nproc-per-node", "2", *_train_argv(work, "a")],
+        "node-0": [*run, *node, "--node-rank", "0", *_train_argv(work, "b")],
+        "node-1": [*run, *node, "--node-rank", "1", *_train_argv(work, "b")],
+    }
+    procs = {
+        k: subprocess.Popen(
+            c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work
+        )
+        for k, c in cmds.items()
+    }
+    out = {}
+    try:
+        for k, p in procs.items():
+            out[k] = p.communicate(timeout=TIMEOUT)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for k, p in procs.items():
+        assert p.returncode == 0, f"{k}:\n{out[k][1][-3000:]}"
+    return {"one-node": work / "runs" / "a", "two-nodes": work / "runs" / "b"}
+
+
+def test_extracted_latents(work):
+    from dispersive.train.latents import LatentDataset
+
+    ds = LatentDataset(work / "latents")
+    assert ds.meta["classes"] == list(CLASSES) and len(ds) == sum(CLASSES.values())
+    assert ds.image_shape == (4, SIZE // 2, SIZE // 2)
+
+
+def test_two_nodes_train_exactly_like_one_node(runs):
+    from dispersive.checkpoint import load_checkpoint
+    from dispersive.train.logging import read_metrics
+
+    a, b = (load_checkpoint(runs[k]) for k in ("one-node", "two-nodes"))
+    assert a["step"] == b["step"] == STEPS
+    for name, w in a["model"].items():
+        torch.testing.assert_close(b["model"][name], w, rtol=0, atol=0, msg=name)
+    ma, mb = read_metrics(runs["one-node"]), read_metrics(runs["two-nodes"])
+    assert [r["step"] for r in mb] == list(range(1, STEPS + 1))
+    for ra, rb in zip(ma, mb):
+        for key in ("loss", "loss_diff", "loss_disp", "floor_gap", "grad_norm"):
+            assert rb[key] == ra[key], key
+    done = json.loads((runs["two-nodes"] / "done.json").read_text())
+    assert done["world_size"] == 2 and done["global_batch"] == 8
