@@ -174,7 +174,7 @@ def test_extracted_latents(work):
 
 
 def test_two_nodes_train_exactly_like_one_node(runs):
-    from dispersive.checkpoint import load_checkpoint
+    from dispersive.train.checkpoint import load_checkpoint
     from dispersive.train.logging import read_metrics
 
     a, b = (load_checkpoint(runs[k]) for k in ("one-node", "two-nodes"))
