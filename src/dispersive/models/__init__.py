@@ -14,6 +14,10 @@ Sizes S, B, L, XL (paper Table 8) with patches 2, 4, 8; CPU sizes T (hidden 128,
 heads 4) and XS (hidden 64, depth 4, heads 4) with patches 2, 4, 7. Any patch size that divides
 ``input_size`` can be set with the ``patch_size`` override.
 
+Official DiT / SiT checkpoints: ``load_official("SiT-XL/2", "SiT-XL-2-256x256.pt")`` returns
+this package's model with the official network's outputs in this package's conventions
+(``dispersive.models.official``).
+
 Every model has ``block_names`` (FeatureTap names of its blocks, in forward order), ``depth``,
 ``in_channels``, ``out_channels``, ``input_size``, ``num_classes``, ``kind`` and ``config``
 (``build(**model.config)`` rebuilds the same architecture; checkpoints store it).
