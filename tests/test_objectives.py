@@ -8,6 +8,7 @@ closed form.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -513,6 +514,26 @@ def test_meanflow_adaptive_p0_is_the_summed_squared_error():
     with torch.no_grad():
         ref = ((model(z_t, t, torch.zeros_like(t)) - (noise - x0)) ** 2).sum(1)
     torch.testing.assert_close(loss.detach(), ref)
+
+
+def test_meanflow_adaptive_eps_reaches_the_weight_and_defaults_to_the_official_value():
+    # loss = L / (L + eps)^p with L the summed squared error; the official ImageNet code's
+    # norm_eps is 0.01 (and norm_p 1.0), the defaults here.
+    model = TinyMF().double()
+    g = gen(38)
+    x0, noise = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    t, r = sample_t_r(5, ratio_r_neq_t=1.0, generator=g, dtype=F64)
+    with torch.no_grad():
+        sq, _ = meanflow_loss(model, x0, t=t, r=r, noise=noise, adaptive_p=0.0)
+        default, _ = meanflow_loss(model, x0, t=t, r=r, noise=noise)
+        torch.testing.assert_close(default, sq / (sq + 0.01))
+        for eps, p in ((0.5, 1.0), (3.0, 0.75), (1e-3, 0.5)):
+            loss, _ = meanflow_loss(
+                model, x0, t=t, r=r, noise=noise, adaptive_eps=eps, adaptive_p=p
+            )
+            torch.testing.assert_close(loss, sq / (sq + eps) ** p)
+    params = inspect.signature(meanflow_loss).parameters
+    assert params["adaptive_eps"].default == 0.01 and params["adaptive_p"].default == 1.0
 
 
 def test_guided_velocity_formula_interval_and_null_label():

@@ -105,3 +105,50 @@ def test_authors_pytorch_configs_use_adamw_default_betas(stem):
     p = get_preset("authors-pytorch")
     assert (authors.dispersive.weight, authors.dispersive.tau) == (p.weight, p.tau)
     assert "0.999" in p.note
+
+
+MF_PRESETS = [
+    "imagenet256-mf-b4",
+    "imagenet256-mf-b4-disp",
+    "imagenet256-mf-b2",
+    "imagenet256-mf-b2-disp",
+]
+
+
+def _meanflow_recipe(obj) -> tuple:
+    # Training-time guidance enters the target as omega v + kappa u_cond + (1-omega-kappa) u_null;
+    # at its fixed point u_cond = v_null + w (v - v_null) with w = omega / (1 - kappa).
+    effective = obj.cfg_omega / (1.0 - obj.cfg_kappa)
+    return (
+        effective, obj.cfg_omega, obj.cfg_kappa, obj.cfg_t_min, obj.cfg_t_max,
+        obj.adaptive_p, obj.adaptive_eps, obj.ratio_r_neq_t, obj.t_dist, obj.t_mean, obj.t_std,
+        obj.label_dropout,
+    )  # fmt: skip
+
+
+# The official MeanFlow code (Gsunshine/meanflow d70cb55, configs/default.py + run_b4.yml):
+# omega 1.0, kappa 0.5 on t in [0, 1] (effective 2.0, the paper's B/4 omega' = 2.0, kappa 0.5),
+# norm_p 1.0, norm_eps 0.01, data_proportion 0.75, logit-normal(-0.4, 1.0), class dropout 0.1.
+OFFICIAL_MF = (2.0, 1.0, 0.5, 0.0, 1.0, 1.0, 0.01, 0.25, "logit_normal", -0.4, 1.0, 0.1)
+
+
+@pytest.mark.parametrize("stem", MF_PRESETS)
+def test_meanflow_presets_train_with_the_official_recipe(stem):
+    from dispersive.train.config import load_config
+
+    cfg = load_config(CONFIGS / f"{stem}.toml")
+    assert cfg.objective.kind == "meanflow"
+    assert _meanflow_recipe(cfg.objective) == OFFICIAL_MF
+    assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.lr == 1e-4  # adam_b2 0.95
+
+
+def test_table7_grid_trains_every_arm_with_the_official_recipe(tmp_path):
+    from dispersive.experiments.grid import load_grid, resolve_run_config
+
+    grid = load_grid(CONFIGS / "experiments" / "imagenet256-table7.toml", outdir=tmp_path)
+    sizes = set()
+    for run in grid.runs:
+        cfg = resolve_run_config(grid, run)
+        assert _meanflow_recipe(cfg.objective) == OFFICIAL_MF, run.name
+        sizes.add(cfg.model.name)
+    assert sizes == {"MF-B/4", "MF-B/2", "MF-XL/2"}

@@ -259,3 +259,32 @@ def test_contrastive_runs_use_the_loss_groups(tmp_path):
     grouped = read_metrics(_run(tmp_path, "grouped", *sets, "dispersive.group_size=4"))[-1]
     # Same weights, data and noise: only the grouping differs (the floor -log 4 vs -log 8).
     assert math.isfinite(grouped["loss_disp"]) and grouped["loss_disp"] != pytest.approx(whole)
+
+
+def test_meanflow_objective_keys_reach_the_loss(tmp_path, monkeypatch):
+    # objective.adaptive_eps and the guidance keys are passed to the MeanFlow loss as set.
+    from dispersive import objectives
+
+    seen = []
+    real = objectives.meanflow_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objectives, "meanflow_loss", spy)
+    _run(
+        tmp_path, "mf", "train.steps=1", 'model.name="MF-XS/4"', 'objective.kind="meanflow"',
+        'sample.sampler="meanflow"', "objective.adaptive_eps=0.37", "objective.adaptive_p=0.75",
+        "objective.cfg_omega=1.0", "objective.cfg_kappa=0.5", "objective.cfg_t_max=0.8",
+        'model.overrides={depth=2, hidden_size=32, num_heads=2, attn="math"}',
+    )  # fmt: skip
+    assert seen and all(
+        (kw["adaptive_eps"], kw["adaptive_p"], kw["cfg_omega"], kw["cfg_kappa"])
+        == (0.37, 0.75, 1.0, 0.5)
+        and tuple(kw["cfg_t_interval"]) == (0.0, 0.8)
+        for kw in seen
+    )
+    assert _cfg().objective.adaptive_eps == 0.01  # the official default
+    with pytest.raises(UserError, match="adaptive_eps"):
+        _cfg("objective.adaptive_eps=0.0")

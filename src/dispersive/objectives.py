@@ -276,7 +276,7 @@ def meanflow_loss(
     jvp_fn: Callable[..., Tensor] | None = None,
     tap: Any = None,
     adaptive_p: float = 1.0,
-    adaptive_eps: float = 1e-3,
+    adaptive_eps: float = 0.01,
     cfg_omega: float = 1.0,
     cfg_kappa: float = 0.0,
     cfg_t_interval: tuple[float, float] = (0.0, 1.0),
@@ -290,7 +290,9 @@ def meanflow_loss(
     :func:`meanflow_guided_velocity`), the per-sample squared error
     ``L = ||u_theta(z_t, t, h) - u_tgt||^2`` summed over the non-batch dims (the paper's squared
     l2 norm), and the adaptive weight ``loss = L / stopgrad((L + adaptive_eps)^adaptive_p)``
-    (p = 0 is the plain squared error; p = 1 is MeanFlow's ImageNet choice).
+    (p = 0 is the plain squared error; p = 1 is MeanFlow's ImageNet choice). The defaults
+    p = 1, eps = 0.01 are the official ImageNet (JAX) code's ``norm_p``, ``norm_eps``; the
+    official PyTorch code (CIFAR-10) uses p = 0.75, eps = 1e-3.
 
     Two ways to compute it:
 

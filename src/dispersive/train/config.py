@@ -110,10 +110,12 @@ class ObjectiveConfig:
     label_dropout: float = 0.1
     two_view: str = "none"  # none | independent | restricted (contrastive comparison, Table 2)
     two_view_gap: float = 0.005
-    # MeanFlow (Geng et al. 2025): share of pairs with r != t, adaptive loss weight power, and
-    # the training-time guidance of its CFG variant (omega, kappa, active t interval).
+    # MeanFlow (Geng et al. 2025): share of pairs with r != t, adaptive loss weight power and
+    # constant (eps 0.01: the official JAX code's norm_eps), and the training-time guidance of
+    # its CFG variant (omega, kappa, active t interval).
     ratio_r_neq_t: float = 0.25
     adaptive_p: float = 1.0
+    adaptive_eps: float = 0.01
     cfg_omega: float = 1.0
     cfg_kappa: float = 0.0
     cfg_t_min: float = 0.0
@@ -220,6 +222,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "objective.label_dropout": (0, 1, True, False),
     "objective.two_view_gap": (0, 1, True, True),
     "objective.ratio_r_neq_t": (0, 1, True, True),
+    "objective.adaptive_p": (0, None, True, True),
+    "objective.adaptive_eps": (0, None, False, True),
     "objective.cfg_t_min": (0, 1, True, True),
     "objective.cfg_t_max": (0, 1, True, True),
     "dispersive.weight": (0, None, True, True),

@@ -329,7 +329,8 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
                         # gradient forward and comes back as aux.
                         per_sample, feats = objectives.meanflow_loss(
                             train_model, x, t=t, r=r, noise=noise, y=y, jvp_fn=model, tap=tap,
-                            adaptive_p=obj.adaptive_p, cfg_omega=obj.cfg_omega,
+                            adaptive_p=obj.adaptive_p, adaptive_eps=obj.adaptive_eps,
+                            cfg_omega=obj.cfg_omega,
                             cfg_kappa=obj.cfg_kappa, cfg_t_interval=(obj.cfg_t_min, obj.cfg_t_max),
                             null_y=num_classes if num_classes > 0 else None,
                         )  # fmt: skip
