@@ -288,7 +288,7 @@ def test_sample_output_does_not_depend_on_the_number_of_ranks(tiny_ckpt, tmp_pat
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
 
 
-def test_sample_decodes_latent_runs_through_the_recorded_vae(tmp_path, capsys):
+def test_sample_decodes_latent_runs_through_the_recorded_vae(tmp_path, capsys, monkeypatch):
     # A tiny randomly initialised VAE saved locally (no download), latents 4x8x8 -> RGB 8x8.
     diffusers = pytest.importorskip("diffusers")
     from dispersive.models import build
@@ -335,11 +335,25 @@ def test_sample_decodes_latent_runs_through_the_recorded_vae(tmp_path, capsys):
         {"model": sd, "ema": {"shadow": sd}, "step": 1, "config": conf},
         checkpoint_path(tmp_path / "run", 1),
     )
+    # Record what reaches the VAE: the model is adaLN-zero initialised (velocity 0), so its
+    # samples are the N(0, 1) noise itself, and a third of the values lie outside [-1, 1].
+    seen = []
+    decode = diffusers.AutoencoderKL.decode
+
+    def spy(self, z, *args, **kwargs):
+        seen.append(z.detach().clone())
+        return decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "decode", spy)
     out = tmp_path / "s"
     assert (
         main(["sample", "--ckpt", str(tmp_path / "run"), "--num", "3", "--outdir", str(out)]) == 0
     )
     with np.load(out / "samples.npz", allow_pickle=False) as z:
         assert z["arr_0"].shape == (3, 8, 8, 3) and z["arr_0"].dtype == np.uint8
-    assert json.loads((out / "spec.json").read_text())["vae"] == str(tmp_path / "vae")
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["vae"] == str(tmp_path / "vae")
+    assert spec["space"] == "latent" and spec["decoded"] and spec["clamp"] == "pixels"
+    # Latents are not clamped before decoding (the decoder gets z / scale, scale 0.5).
+    assert len(seen) == 1 and float(seen[0].abs().max()) > 2.0
     capsys.readouterr()

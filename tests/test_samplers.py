@@ -421,15 +421,16 @@ def test_samplers_keep_dtype_and_pass_time_as_a_batch_vector():
 
 
 class GaussianFlowModel(torch.nn.Module):
-    """A stand-in flow model returning the exact velocity of N(0.2, 0.25^2) pixel data."""
+    """A stand-in flow model returning the exact velocity of N(mu, s^2) data (default pixels
+    N(0.2, 0.25^2); s = 1 is latent-like: a third of the values lie outside [-1, 1])."""
 
     kind, num_classes, in_channels, out_channels, input_size = "flow", 0, 1, 1, 4
     config = {"name": "gaussian-oracle"}
 
-    def __init__(self):
+    def __init__(self, mu: float = 0.2, s: float = 0.25):
         super().__init__()
         self.gauss = Gaussian(
-            get_path("linear"), torch.tensor([0.2], dtype=F64), torch.tensor([0.25], dtype=F64)
+            get_path("linear"), torch.tensor([mu], dtype=F64), torch.tensor([s], dtype=F64)
         )
         self.seen_t: list[Tensor] = []
 
@@ -454,9 +455,49 @@ def test_generate_end_to_end_recovers_the_gaussian_and_restores_train_mode():
         "method": "heun", "steps": 20, "nfe": 39, "cfg_scale": 1.0, "cfg_interval": [0.0, 1.0],
         "options": {"final_euler": True},
         "model": "gaussian-oracle", "kind": "flow", "num": 300, "path": "linear", "seed": 0,
+        "space": "pixel", "decoded": False, "clamp": "pixels",
     }  # fmt: skip
     # 3 batches x 39 evaluations, t running from noise (1) to data.
     assert len(model.seen_t) == 3 * 39 and float(model.seen_t[0][0]) == 1.0
+
+
+def test_generate_never_clamps_latents_and_clamps_pixels():
+    # Latent-like data N(0, 1): about 32% of the exact samples lie outside [-1, 1].
+    def run(**kw):
+        return generate(
+            GaussianFlowModel(mu=0.0, s=1.0), num=64, sampler="heun", steps=20,
+            generator=torch.Generator().manual_seed(0), **kw,
+        )  # fmt: skip
+
+    latents, spec = run(space="latent")
+    assert spec["space"] == "latent" and spec["clamp"] == "none" and not spec["decoded"]
+    outside = float((latents.abs() > 1).double().mean())
+    assert 0.25 < outside < 0.4  # N(0, 1): P(|z| > 1) = 0.317
+    zero, one = torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64)
+    _check_moments(latents.reshape(-1, 1).double(), zero, one)
+
+    pixels, spec = run()  # the same model taken for a pixel model: clamped
+    assert spec["space"] == "pixel" and spec["clamp"] == "pixels"
+    torch.testing.assert_close(pixels, latents.clamp(-1, 1))
+
+    # Decoding: the decoder sees the raw latents; its pixels (here 3 z) are clamped afterwards.
+    seen = []
+
+    def decode(z):
+        seen.append(z.clone())
+        return 3 * z
+
+    images, spec = run(space="latent", decode=decode)
+    assert spec["space"] == "latent" and spec["decoded"] and spec["clamp"] == "pixels"
+    torch.testing.assert_close(torch.cat(seen).float(), latents)
+    torch.testing.assert_close(images, (3 * latents).clamp(-1, 1))
+
+
+def test_generate_space_errors_are_named():
+    with pytest.raises(ValueError, match=r"space must be one of \['pixel', 'latent'\]"):
+        generate(GaussianFlowModel(), num=1, steps=1, space="latents")
+    with pytest.raises(ValueError, match="pass space='latent'"):
+        generate(GaussianFlowModel(), num=1, steps=1, decode=lambda z: z)
 
 
 @pytest.fixture(scope="module")

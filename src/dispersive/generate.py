@@ -7,7 +7,7 @@ It returns the images and a JSON-able sampler spec that every reported number mu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,11 @@ from dispersive.samplers import (
     nfe,
 )
 
-__all__ = ["KIND_SAMPLERS", "SAMPLER_OPTIONS", "generate"]
+__all__ = ["KIND_SAMPLERS", "SAMPLER_OPTIONS", "SPACES", "generate"]
+
+# Where a model's samples live: "pixel" (images in [-1, 1]) or "latent" (e.g. SD-VAE latents,
+# about N(0, 1) after scaling: clamping them to [-1, 1] would clip about a third of the values).
+SPACES = ("pixel", "latent")
 
 # Which samplers fit which kind of model (``model.kind``).
 KIND_SAMPLERS: dict[str, tuple[str, ...]] = {
@@ -89,6 +93,8 @@ def generate(
     device: torch.device | str | None = None,
     schedule: Any = None,
     options: dict[str, Any] | None = None,
+    space: str = "pixel",
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Generate ``num`` images with a trained model.
 
@@ -120,12 +126,18 @@ def generate(
             linear betas).
         options: sampler options overriding :data:`SAMPLER_OPTIONS` [sampler], e.g.
             ``{"last_step": 0.0}`` for Euler-Maruyama or ``{"eta": 1.0}`` for DDIM.
+        space: where the model's samples live, one of :data:`SPACES`. "pixel": images, clamped
+            to [-1, 1]. "latent": never clamped; returned as they are, or decoded by ``decode``.
+        decode: for ``space="latent"``, a function latents (b, C, h, w) -> images (b, C', H, W)
+            in [-1, 1] (a VAE decoder), applied per batch; the decoded pixels are clamped.
 
     Returns:
-        (images, spec): images (num, C, H, W) float32 on the CPU, clamped to [-1, 1]; spec a
-        JSON-able dict {"method", "steps", "nfe", "options" (every sampler option, resolved),
-        "cfg_scale", "cfg_interval", "model", "kind", "num", "path" (flow), "schedule_steps"
-        (ddpm), "seed" (when a generator is given)}.
+        (images, spec): images (num, C, H, W) float32 on the CPU: pixels clamped to [-1, 1], or
+        unclamped latents (``space="latent"`` without ``decode``); spec a JSON-able dict
+        {"method", "steps", "nfe", "options" (every sampler option, resolved), "cfg_scale",
+        "cfg_interval", "model", "kind", "num", "space", "decoded" (bool), "clamp" ("pixels"
+        or "none": what was clamped to [-1, 1]), "path" (flow), "schedule_steps" (ddpm), "seed"
+        (when a generator is given)}.
     """
     kind = getattr(model, "kind", None)
     if kind not in KIND_SAMPLERS:
@@ -134,6 +146,12 @@ def generate(
         raise ValueError(
             f"sampler {sampler!r} does not fit a {kind!r} model; valid samplers for it: "
             f"{list(KIND_SAMPLERS[kind])}"
+        )
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {list(SPACES)}; got {space!r}")
+    if decode is not None and space != "latent":
+        raise ValueError(
+            "decode is for latent models; pass space='latent' with it (pixel samples are images)"
         )
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be a positive integer; got {num!r}")
@@ -220,7 +238,12 @@ def generate(
                         generator=generator,
                         **opts,
                     )
-                images.append(x.clamp(-1, 1).float().cpu())
+                # Clamp pixels only: latents are not images and their decoder expects them raw.
+                if decode is not None:
+                    x = decode(x).clamp(-1, 1)
+                elif space == "pixel":
+                    x = x.clamp(-1, 1)
+                images.append(x.float().cpu())
     finally:
         model.train(was_training)
 
@@ -234,6 +257,9 @@ def generate(
         "model": _model_name(model),
         "kind": kind,
         "num": num,
+        "space": space,
+        "decoded": decode is not None,
+        "clamp": "pixels" if space == "pixel" or decode is not None else "none",
     }
     if kind == "flow":
         spec["path"] = path

@@ -62,6 +62,8 @@ def _sample_batch(model, config: dict, num: int, seed: int):
         labels=y,
         path=config.get("objective", {}).get("path", "linear"),
         generator=torch.Generator().manual_seed(seed),
+        # The samples are fed back as model inputs: latents stay unclamped.
+        space="latent" if config.get("data", {}).get("name") == "latents" else "pixel",
     )
     return x, y, f"the model's own samples ({spec.get('method')}, {spec.get('steps')} steps)"
 

@@ -14,7 +14,8 @@ indices ``i`` (exactly class-balanced). Chunks are dealt round-robin to ranks, s
 the same for any number of ranks (given the same seed and batch size).
 Grayscale samples keep C = 1 in the .npz; the ADM evaluator needs 3 channels (replicate them).
 Latent models are decoded through the VAE recorded in the latents' meta.json (``data.path``),
-or through ``--vae``.
+or through ``--vae``; the latents reach the decoder unclamped and only the decoded pixels are
+clamped to [-1, 1] (``spec.json``: ``"space": "latent", "decoded": true, "clamp": "pixels"``).
 
 Official DiT / SiT checkpoints (docs/architecture.md, "Official DiT / SiT checkpoints"):
 
@@ -28,7 +29,6 @@ EMA weights of a training dict unless ``--no-ema``); the model's kind picks the 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from pathlib import Path
@@ -152,13 +152,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--num and --batch-size must be >= 1")
         ncls = int(getattr(model, "num_classes", 0) or 0)
         decode, vae_id = _decoder(config, info.device, args.vae)
-        extra = {}
-        if decode is not None:
-            # Latents are not images: they must not be clamped to [-1, 1] before decoding.
-            if "clamp" in inspect.signature(generate).parameters:
-                extra["clamp"] = False
-            elif info.is_main:
-                print("warning: generate() clamps its output to [-1, 1]; latents are clamped")
 
         outdir = Path(args.outdir)
         shard_dir = outdir / "shards"
@@ -186,10 +179,9 @@ def run(args: argparse.Namespace) -> int:
                 generator=gen,
                 batch_size=args.batch_size,
                 device=info.device,
-                **extra,
+                space="pixel" if decode is None else "latent",
+                decode=decode,  # latents go to the VAE unclamped; generate() clamps the pixels
             )
-            if decode is not None:
-                images = decode(images)
             lab = labels.cpu().numpy() if labels is not None else None
             save_npz(shard_dir / f"chunk-{c:06d}.npz", to_uint8(images), lab)
             if info.is_main:
