@@ -188,3 +188,98 @@ def test_two_nodes_train_exactly_like_one_node(runs):
             assert rb[key] == ra[key], key
     done = json.loads((runs["two-nodes"] / "done.json").read_text())
     assert done["world_size"] == 2 and done["global_batch"] == 8
+
+
+class StubInception(torch.nn.Module):
+    """Stands in for torch-fidelity's Inception-v3 (a 100 MB download): uint8 (N, 3, H, W) ->
+    (features (N, F), logits (N, 1008)), a fixed random map of 4x4-pooled pixels. F = 256,
+    not 2048: the Fréchet distance's matrix square root costs F^3 (45 s at 2048 here)."""
+
+    def __init__(self, num_features: int = 256) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.randn(3 * 4 * 4, num_features, generator=g)
+        self.head = torch.randn(num_features, 1008, generator=g) / num_features**0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3, (x.dtype, x.shape)
+        f = torch.tanh(torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1))
+        f = torch.tanh(f @ self.proj)
+        return f, f @ self.head
+
+
+def _frechet_oracle(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FID in float64 without a matrix square root: with centred X_i (n_i, F) and
+    S_i = X_i^T X_i / (n_i - 1), tr (S1 S2)^(1/2) = ||X1 X2^T||_* / sqrt((n1 - 1)(n2 - 1))
+    (the nonzero eigenvalues of S1 S2 are those of M M^T / c with M = X1 X2^T)."""
+    x1, x2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    n1, n2 = len(f1), len(f2)
+    tr1, tr2 = (x1**2).sum() / (n1 - 1), (x2**2).sum() / (n2 - 1)
+    cross = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + tr1 + tr2 - 2 * cross)
+
+
+def test_sample_decodes_to_pixels_and_eval_scores_them(work, runs, monkeypatch, capsys):
+    import dispersive.eval.features as features
+    import dispersive.train.latents as latents
+    from dispersive.eval.io import load_npz, save_npz, to_uint8
+    from dispersive.train.data import load_image
+
+    # What reaches the VAE decoder, recorded through the loader `dispersive sample` uses.
+    fed: list[torch.Tensor] = []
+    real_load = latents.load_vae
+
+    def load_vae(*args, **kwargs):
+        vae = real_load(*args, **kwargs)
+        decode = vae.decode
+
+        def recording_decode(z, *a, **kw):
+            fed.append(z.detach().clone())
+            return decode(z, *a, **kw)
+
+        vae.decode = recording_decode
+        return vae
+
+    monkeypatch.setattr(latents, "load_vae", load_vae)
+    num, out = 12, work / "samples"
+    argv = ["sample", "--ckpt", str(runs["two-nodes"]), "--outdir", str(out), "--num", str(num)]
+    argv += ["--sampler", "euler", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    # ADM layout: arr_0 uint8 (N, H, W, 3), arr_1 the class labels (i mod num_classes).
+    with np.load(out / "samples.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["arr_0", "arr_1"]
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (num, SIZE, SIZE, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % len(CLASSES) for i in range(num)]
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["vae"] == str(work / "vae") and spec["checkpoint_step"] == STEPS
+
+    # The pixels are the decoder's output for the latents it was fed (two chunks: 8 + 4).
+    assert [len(z) for z in fed] == [8, 4]
+    vae = real_load(str(work / "vae"))
+    with torch.no_grad():
+        pixels = torch.cat([vae.decode(z).sample for z in fed]).clamp(-1, 1)
+    np.testing.assert_array_equal(images, to_uint8(pixels))
+
+    # `dispersive eval` against an ADM-style reference batch: the centre-cropped training images.
+    files = sorted((work / "train").glob("*/*"))
+    ref = np.stack([load_image(f, SIZE).transpose(1, 2, 0) for f in files])
+    save_npz(work / "ref.npz", ref)
+    stub = StubInception()
+    monkeypatch.setattr(features, "load_inception", lambda *a, **k: stub)
+    argv = ["eval", "--samples", str(out / "samples.npz"), "--ref", str(work / "ref.npz")]
+    argv += ["--features", "inception", "--kid-subsets", "4", "--kid-subset-size", "8"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["num_samples"] == num and res["num_ref"] == len(files)
+
+    def feats(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return stub(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[0].double().numpy()
+
+    f_fake, f_real = feats(load_npz(out / "samples.npz")), feats(ref)
+    assert res["fid"] == pytest.approx(_frechet_oracle(f_fake, f_real), rel=1e-6)
+    for key in ("is", "kid", "precision", "recall"):
+        assert np.isfinite(res[key]), key
