@@ -121,7 +121,7 @@ def _flatten(z: Tensor, name: str = "z") -> Tensor:
         )
     if z.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(z.shape)}); it needs B >= 2 samples")
-    return z.reshape(z.shape[0], -1)
+    return z if z.ndim == 2 else z.reshape(z.shape[0], -1)
 
 
 def _check_finite(z: Tensor, name: str) -> None:
@@ -228,10 +228,15 @@ def _gram(z: Tensor, center: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor |
     backward then re-centres z chunk by chunk (the copy never exists in full).
     """
     b, dim = z.shape
-    mu = z.mean(dim=0, dtype=dtype) if center else None
     if b * dim <= _SMALL_ELEMS:
-        zc = z - mu if mu is not None else z.to(dtype)  # type promotion upcasts half inputs
-        return torch.mm(zc, zc.T), None, zc
+        if not center:
+            zc = z.to(dtype)
+        elif z.dtype == dtype:
+            zc = z - torch.mm(torch.full((1, b), 1 / b, dtype=dtype, device=z.device), z)
+        else:
+            zc = z - z.mean(dim=0, dtype=dtype)  # type promotion upcasts half inputs
+        return torch.mm(zc, zc.t()), None, zc
+    mu = z.mean(dim=0, dtype=dtype) if center else None
     g = torch.zeros((b, b), dtype=dtype, device=z.device)
     for _, _, blk in _chunks(z, mu, dtype):
         g.addmm_(blk, blk.T)
@@ -307,46 +312,59 @@ def _pair_rows(z: Tensor, i: Tensor, j: Tensor, dtype: torch.dtype) -> Iterator[
 def _sq_dist_forward(z: Tensor, dtype: torch.dtype):
     """Squared l2 distances (B, B) (not divided by dim), exact 0 on the diagonal; no autograd.
 
-    Returns ``(d, saved)``: the tensors :func:`_sq_dist_backward` needs, ``(z, mu, zc, i, j)``
-    with ``(i, j)`` the exactly recomputed pairs (None when there are none).
+    Returns ``(d, saved)``: the tensors the backward needs, ``(z, mu, zc, i, j)`` with
+    ``(i, j)`` the exactly recomputed pairs (None when there are none). Raises the
+    non-finite-input error (a NaN or Inf in z makes every diagonal entry NaN).
     """
     b = z.shape[0]
     g, mu, zc = _gram(z, True, dtype)
     n = g.diagonal()
-    nn = n[:, None] + n
+    nn = n.unsqueeze(1) + n
     d = torch.add(nn, g, alpha=-2)  # d_ii = 2 n_i - 2 n_i = 0 exactly
-    near = d <= nn * _NEAR
+    near = d <= torch.mul(nn, _NEAR)
+    count = int(torch.count_nonzero(near))  # the diagonal is always in (0 <= 0); NaN never is
     i = j = None
-    if int(near.sum()) > b:  # the diagonal is always in (0 <= 0); NaN never is
+    if count > b:
         i, j = _near_pairs(near)
         dp = torch.empty(i.numel(), dtype=dtype, device=z.device)
         for s, e, zi, zj in _pair_rows(z, i, j, dtype):
             dp[s:e] = (zi - zj).square_().sum(dim=1)
         d[i, j] = dp
         d[j, i] = dp
+    elif count < b:
+        _check_finite(z, "z")
     return d, (z, mu, zc, i, j)
 
 
-def _sq_dist_backward(m: Tensor, saved: tuple, dtype: torch.dtype) -> Tensor:
-    """dL/dz (B, dim) for ``m`` (B, B) symmetric, ``m_ij = dL/dd_ij + dL/dd_ji`` (raw d).
+def _laplacian_(w: Tensor, i: Tensor | None, j: Tensor | None) -> Tensor | None:
+    """``w <- w - diag(rowsum w)`` in place, with the diagonal and the exact pairs (i, j) of w
+    left out of the Gram-path matrix; returns their weights ``w[i, j]`` (None without pairs)."""
+    diag = w.diagonal()
+    diag.zero_()  # d_ii is a constant
+    wp = None
+    if i is not None:
+        wp = w[i, j]
+        w[i, j] = 0.0
+        w[j, i] = 0.0
+    diag.sub_(w.sum(dim=1))
+    return wp
 
-    dL/dz_i = 2 sum_j m_ij (z_i - z_j) = -2 [(m - diag(rowsum m)) Zc]_i on the Gram path (no
-    centring backward needed: the matrix has zero column sums), plus the exact pairs.
+
+def _sq_dist_grad(w: Tensor, wp: Tensor | None, saved: tuple, dtype: torch.dtype) -> Tensor:
+    """dL/dz (B, dim) = -sum_j w_ij (z_i - z_j) for symmetric ``w_ij = -2 (dL/dd_ij + dL/dd_ji)``
+    (raw d), given as ``(w, wp)`` from :func:`_laplacian_`.
+
+    On the Gram path this is ``w @ Zc`` (no centring backward needed: the Laplacian has zero
+    column sums); the exact pairs get their terms from z_i - z_j.
     """
     z, mu, zc, i, j = saved
-    m.diagonal().zero_()  # d_ii is a constant
-    if i is not None:
-        mp = m[i, j]
-        m[i, j] = 0.0
-        m[j, i] = 0.0
-    m.diagonal().copy_(m.sum(dim=1).neg_())
-    grad = _gram_backward(m.mul_(-2.0), z, mu, zc, dtype)
+    grad = _gram_backward(w, z, mu, zc, dtype)
     if i is not None:
         acc = grad if grad.dtype == dtype else grad.to(dtype)
         for s, e, zi, zj in _pair_rows(z, i, j, dtype):
-            step = (zi - zj).mul_(2 * mp[s:e, None])
-            acc.index_add_(0, i[s:e], step)
-            acc.index_add_(0, j[s:e], step, alpha=-1)
+            step = (zi - zj).mul_(wp[s:e, None])
+            acc.index_add_(0, i[s:e], step, alpha=-1)
+            acc.index_add_(0, j[s:e], step)
         grad = acc.to(z.dtype)
     return grad
 
@@ -364,37 +382,53 @@ class _SqDist(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_d: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        m = (grad_d + grad_d.T).mul_(ctx.scale)
-        return _sq_dist_backward(m, ctx.saved_tensors, ctx.dtype), None, None
+        saved = ctx.saved_tensors
+        w = (grad_d + grad_d.T).mul_(-2 * ctx.scale)
+        wp = _laplacian_(w, saved[3], saved[4])
+        return _sq_dist_grad(w, wp, saved, ctx.dtype), None, None
 
 
 class _InfoNCEL2(torch.autograd.Function):
-    """``logsumexp(-d_ij * scale / tau) - log N_pairs`` fused with its distances.
+    """``log (1 / N_pairs) sum_ij exp(-d_ij * scale / tau)`` fused with its distances.
 
-    One autograd node with an analytic backward: the loss is called per group of a few samples
-    in small models, where the cost of separate small operations dominates.
+    One autograd node, and the backward's B x B matrix is prepared in the forward, so the
+    backward is one matmul: the loss is called per group of a few samples in small models,
+    where the cost of separate small operations dominates.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, scale: float, tau: float, diag: bool, dtype: torch.dtype):  # type: ignore[override]
         b = z.shape[0]
         d, saved = _sq_dist_forward(z, dtype)
-        logits = d.mul_(-scale / tau)
-        if not diag:
+        coef = scale / tau
+        # log(sum exp) - log n, never log(mean(exp)): exp(-d / tau) underflows when spread
+        # out. With the diagonal the largest logit is exactly 0 (d_ii), so no shift is needed.
+        if diag:
+            e = d.mul_(-coef).exp_()
+            total = e.sum()
+            lse = total.log()
+        else:
+            logits = d.mul_(-coef)
             logits.diagonal().fill_(-math.inf)
-        lse = torch.logsumexp(logits.view(-1), dim=0)
-        ctx.save_for_backward(logits, lse, *saved)
-        ctx.coef, ctx.dtype = scale / tau, dtype
-        # logsumexp - log n, never log(mean(exp)): exp(-d / tau) underflows when spread out.
-        return lse - math.log(b * b if diag else b * (b - 1))
+            top = logits.amax()
+            e = logits.sub_(top).exp_()
+            total = e.sum()
+            lse = total.log().add_(top)
+        # dL/dd_ij = -coef e_ij / total, the softmax weights. d is symmetric (up to rounding,
+        # which using 2 e_ij for e_ij + e_ji does not amplify): w = 4 coef e / total.
+        w = e.div_(total)
+        wp = _laplacian_(w, saved[3], saved[4])
+        ctx.save_for_backward(w, wp, *saved)
+        ctx.coef, ctx.dtype = 4 * coef, dtype
+        return lse.sub_(math.log(b * b if diag else b * (b - 1)))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        logits, lse, *saved = ctx.saved_tensors
-        w = torch.exp(logits - lse)  # softmax weights; dL/dd_ij = -coef * w_ij
-        m = (w + w.T).mul_(grad_out * -ctx.coef)
-        return _sq_dist_backward(m, saved, ctx.dtype), None, None, None, None
+        w, wp, *saved = ctx.saved_tensors
+        c = grad_out * ctx.coef
+        wp = wp * c if wp is not None else None
+        return _sq_dist_grad(w * c, wp, saved, ctx.dtype), None, None, None, None
 
 
 def _cos_gap(a: Tensor, b: Tensor, na: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
@@ -651,6 +685,8 @@ def dispersive_loss(
             include_diagonal=include_diagonal,
             dtype=dtype,
         )
+    if variant in ("infonce_l2", "hinge"):
+        return loss  # the l2 distances have checked z already
     return _checked(loss, (z2, "z"))
 
 
