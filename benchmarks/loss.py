@@ -7,16 +7,23 @@ The authors' PyTorch formulation (InfoNCE-l2 with the diagonal, tau = 1)::
     d = cat([d, d, zeros(B)])                   # all B^2 pairs: both triangles + the diagonal
     loss = log(mean(exp(-d / tau)))
 
-Both are run on the same float32 z (B, D), interleaved, medians over ``--repeats`` runs; the
-speed-up is the ratio of the two medians of the same run. Peak extra memory is measured in a
-fresh process per (implementation, B, D): the rise of the resident-memory high-water mark during
-one forward+backward, above the memory already holding z. It includes the gradient buffer of
-z (one size of z, needed by any implementation).
+Both run on the same float32 z (B, D) over the grid B in {4, ..., 256} x D in {1K, ..., 196K}
+(issue 14, item 1), at 1 and 2 threads. Each round times one sample of each implementation,
+in alternating order (a sample is several calls when one call is shorter than ~2 ms); the
+speed-up of a round is authors / ours of that round, and the table gives the median over the
+rounds with a 95% distribution-free interval (``common.median_ci``), so machine noise hits
+both alike. Verdicts ("met" / "not met" / "within noise") compare that interval with the
+target. Peak extra memory is measured in a fresh process per (implementation, B, D) for the
+large z (D >= 98K; below that the resident-set granularity dominates): the rise of the
+resident-memory high-water mark during one forward+backward, above the memory already holding
+z, in units of z's size. It includes the gradient buffer of z (1x, needed by any
+implementation).
 
 Usage::
 
-    python benchmarks/loss.py          # full grid; writes the "loss" section of docs/benchmarks.md
-    python benchmarks/loss.py --quick  # tiny grid, prints only (add --output to write)
+    python benchmarks/loss.py            # full grid, 1 and 2 threads; writes the "loss"
+                                         # section of docs/benchmarks.md (~8 min when quiet)
+    python benchmarks/loss.py --quick    # small grid, prints only (add --output to write)
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,22 +41,26 @@ if __package__ in (None, ""):
     from common import (  # type: ignore[no-redef]
         DEFAULT_REPORT,
         ensure_importable,
-        interleaved_medians,
+        interleaved_times,
         machine_info,
         markdown_table,
         measure_peak_extra,
+        median_ci,
         peak_extra_bytes_in_child,
+        verdict,
         write_markdown_section,
     )
 else:
     from .common import (
         DEFAULT_REPORT,
         ensure_importable,
-        interleaved_medians,
+        interleaved_times,
         machine_info,
         markdown_table,
         measure_peak_extra,
+        median_ci,
         peak_extra_bytes_in_child,
+        verdict,
         write_markdown_section,
     )
 
@@ -58,11 +71,14 @@ import torch  # noqa: E402
 from dispersive.losses import dispersive_loss  # noqa: E402
 
 TAU = 1.0  # the authors' code's temperature
-FULL_GRID = {"B": [32, 64, 128, 256], "D": [98304, 196608]}
-QUICK_GRID = {"B": [16, 64], "D": [16384]}
-# Targets from the issue (measured, not asserted): speed-up at (B, D), memory relative to z.
-SPEED_TARGETS = {(32, 196608): 3.0, (256, 98304): 8.0}
+FULL_GRID = {"B": [4, 8, 16, 32, 64, 128, 256], "D": [1024, 3136, 16384, 98304, 196608]}
+QUICK_GRID = {"B": [4, 16, 64], "D": [1024, 16384]}
+THREADS = (1, 2)
+# Targets from the issue (speed-up >= goal): everywhere 1x, and these points more.
+SPEED_TARGETS = {(32, 196608): 3.0, (256, 98304): 10.0}
 MEMORY_TARGET = 2.0
+MEMORY_MIN_D = 98304  # memory is measured from this D on
+SAMPLE_S = 2e-3  # a timed sample lasts at least this long (several calls for small z)
 
 
 def authors_loss(z: torch.Tensor, tau: float = TAU) -> torch.Tensor:
@@ -101,99 +117,170 @@ def child_main(impl: str, b: int, dim: int) -> None:
     print(json.dumps({"impl": impl, "B": b, "D": dim, "extra_bytes": extra}))
 
 
-def run(grid: dict, repeats: int, threads: int, memory: bool) -> list[dict]:
-    torch.set_num_threads(threads)
+def _time_point(z: torch.Tensor, budget_s: float, min_rounds: int, max_rounds: int) -> dict:
+    """Interleaved rounds of both implementations on z; per-round speed-ups."""
+    calls = {name: (lambda fn=fn: _fwd_bwd(fn, z)) for name, fn in IMPLS.items()}
+    once = {}
+    for name, call in calls.items():  # warm-up, then one timed call to size the samples
+        call()
+        t0 = time.perf_counter()
+        call()
+        once[name] = time.perf_counter() - t0
+    inner = {name: max(1, math.ceil(SAMPLE_S / t)) for name, t in once.items()}
+    per_round = sum(inner[n] * once[n] for n in calls)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
+
+    def sample(name):
+        def run():
+            for _ in range(inner[name]):
+                calls[name]()
+
+        return run
+
+    times = interleaved_times({n: sample(n) for n in calls}, repeats=rounds, warmup=0)
+    ta = [t / inner["authors"] for t in times["authors"]]
+    to = [t / inner["dispersive"] for t in times["dispersive"]]
+    ratio = median_ci([a / o for a, o in zip(ta, to)])
+    return {
+        "rounds": rounds,
+        "t_authors_ms": 1e3 * statistics.median(ta),
+        "t_ours_ms": 1e3 * statistics.median(to),
+        "speedup": ratio[0],
+        "speedup_lo": ratio[1],
+        "speedup_hi": ratio[2],
+    }
+
+
+def run(grid: dict, threads: list[int], budget_s: float, memory: bool) -> list[dict]:
     rows = []
-    for dim in grid["D"]:
-        for b in grid["B"]:
-            z = _make_z(b, dim)
-            with torch.no_grad():
-                va, vo = float(authors_loss(z)), float(ours_loss(z))
-            times = interleaved_medians(
-                {name: (lambda fn=fn, z=z: _fwd_bwd(fn, z)) for name, fn in IMPLS.items()},
-                repeats=repeats,
-            )
-            row = {
-                "B": b,
-                "D": dim,
-                "t_authors_ms": 1e3 * times["authors"],
-                "t_ours_ms": 1e3 * times["dispersive"],
-                "speedup": times["authors"] / times["dispersive"],
-                "value_rel_diff": abs(va - vo) / abs(va),
-                "z_bytes": z.numel() * z.element_size(),
-            }
-            if memory:
-                for name in IMPLS:
-                    res = peak_extra_bytes_in_child(
-                        Path(__file__), ["--child", name, str(b), str(dim)], threads=threads
-                    )
-                    row[f"mem_{name}_x"] = res["extra_bytes"] / row["z_bytes"]
-            rows.append(row)
-            print(_format_row(row), flush=True)
+    for t in threads:
+        torch.set_num_threads(t)
+        for dim in grid["D"]:
+            for b in grid["B"]:
+                z = _make_z(b, dim)
+                with torch.no_grad():
+                    va, vo = float(authors_loss(z)), float(ours_loss(z))
+                target = (b, dim) in SPEED_TARGETS
+                row = {"B": b, "D": dim, "threads": t, "value_rel_diff": abs(va - vo) / abs(va)}
+                row |= _time_point(z, budget_s, 7 if target else 5, 61)
+                row["z_bytes"] = z.numel() * z.element_size()
+                if memory and dim >= MEMORY_MIN_D and t == threads[0]:
+                    for name in IMPLS:
+                        res = peak_extra_bytes_in_child(
+                            Path(__file__), ["--child", name, str(b), str(dim)], threads=t
+                        )
+                        row[f"mem_{name}_x"] = res["extra_bytes"] / row["z_bytes"]
+                rows.append(row)
+                print(_format_row(row), flush=True)
     return rows
 
 
 def _format_row(row: dict) -> str:
     mem = ""
     if "mem_authors_x" in row:
-        mem = f"  mem authors {row['mem_authors_x']:.2f}x  ours {row['mem_dispersive_x']:.2f}x"
+        mem = f"  mem authors {row['mem_authors_x']:.2f}x ours {row['mem_dispersive_x']:.2f}x"
     return (
-        f"B={row['B']:4d} D={row['D']:6d}  authors {row['t_authors_ms']:9.2f} ms  "
-        f"ours {row['t_ours_ms']:8.2f} ms  speed-up {row['speedup']:5.2f}x{mem}  "
-        f"|value diff| {row['value_rel_diff']:.1e}"
+        f"threads={row['threads']} B={row['B']:4d} D={row['D']:6d}  "
+        f"authors {row['t_authors_ms']:9.3f} ms  ours {row['t_ours_ms']:8.3f} ms  "
+        f"speed-up {row['speedup']:5.2f}x ({row['speedup_lo']:.2f}-{row['speedup_hi']:.2f}, "
+        f"{row['rounds']} rounds){mem}  |value diff| {row['value_rel_diff']:.1e}"
     )
 
 
-def report(rows: list[dict], *, repeats: int, threads: int, quick: bool) -> str:
-    has_mem = "mem_authors_x" in rows[0]
-    headers = ["B", "D", "authors (ms)", "dispersive_loss (ms)", "speed-up"]
-    if has_mem:
-        headers += ["peak extra mem authors (x z)", "peak extra mem ours (x z)"]
-    table_rows = []
-    for r in rows:
-        cells = [
-            r["B"],
-            r["D"],
-            f"{r['t_authors_ms']:.1f}",
-            f"{r['t_ours_ms']:.1f}",
-            f"{r['speedup']:.2f}x",
-        ]
-        if has_mem:
-            cells += [f"{r['mem_authors_x']:.2f}", f"{r['mem_dispersive_x']:.2f}"]
-        table_rows.append(cells)
-    targets = []
-    by_key = {(r["B"], r["D"]): r for r in rows}
-    for (b, dim), goal in SPEED_TARGETS.items():
-        if (b, dim) in by_key:
-            got = by_key[(b, dim)]["speedup"]
-            targets.append(f"B={b}, D={dim}: speed-up {got:.2f}x (target >= {goal:g}x)")
-    if has_mem:
-        worst = max(r["mem_dispersive_x"] for r in rows)
-        targets.append(f"peak extra memory of ours: at most {worst:.2f}x z (target <= 2x)")
-    max_diff = max(r["value_rel_diff"] for r in rows)
+def _dim_label(dim: int) -> str:
+    return f"{dim / 1024:g}K" if dim % 1024 == 0 else str(dim)
+
+
+def report(rows: list[dict], *, threads: list[int], budget_s: float, quick: bool) -> str:
+    bs = sorted({r["B"] for r in rows})
+    ds = sorted({r["D"] for r in rows})
+    by_key = {(r["B"], r["D"], r["threads"]): r for r in rows}
+    cmd = "python benchmarks/loss.py" + (" --quick" if quick else "")
     lines = [
         "## Dispersive loss: forward + backward vs the authors' formulation",
         "",
-        f"`benchmarks/loss.py{' --quick' if quick else ''}`; {machine_info(threads)}; float32, "
-        f"tau = {TAU:g}, InfoNCE-l2 with the diagonal; median of {repeats} interleaved runs; "
-        "speed-up = authors / ours from the same run. Peak extra memory: rise of the resident "
-        "high-water mark during one forward+backward in a fresh process, in units of the size "
-        "of z, including z's gradient buffer (1x).",
+        f"`{cmd}`; {machine_info(threads[-1])}; float32, tau = {TAU:g}, InfoNCE-l2 with the "
+        "diagonal. Rounds alternate the two implementations; the speed-up is the median over "
+        "rounds of authors / ours in the same round, with its 95% interval in brackets "
+        f"(5-61 rounds per point, about {budget_s:g} s each). Verdicts compare the whole "
+        "interval with the target; `~` marks a point within noise.",
         "",
-        markdown_table(headers, table_rows),
-        "",
-        f"Largest relative difference between the two loss values: {max_diff:.1e}.",
     ]
-    if targets:
-        lines += ["", "Targets (measured, not asserted):", ""] + [f"- {t}" for t in targets]
+    for t in threads:
+        lines += [f"Speed-up at {t} thread(s) (rows B, columns D; target >= 1x everywhere):", ""]
+        table = []
+        for b in bs:
+            cells = [b]
+            for dim in ds:
+                r = by_key.get((b, dim, t))
+                if r is None:
+                    cells.append("")
+                    continue
+                v = verdict(r["speedup_lo"], r["speedup_hi"], 1.0, below=False)
+                mark = {"met": "", "not met": " **below**", "within noise": " ~"}[v]
+                cells.append(
+                    f"{r['speedup']:.2f}x ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f}){mark}"
+                )
+            table.append(cells)
+        lines += [markdown_table(["B \\ D"] + [_dim_label(d) for d in ds], table), ""]
+    verdicts = {"met": 0, "not met": 0, "within noise": 0}
+    for r in rows:
+        verdicts[verdict(r["speedup_lo"], r["speedup_hi"], 1.0, below=False)] += 1
+    lines += [
+        f">= 1x: met at {verdicts['met']} of {len(rows)} points, within noise at "
+        f"{verdicts['within noise']}, not met at {verdicts['not met']}.",
+        "",
+        "Targets:",
+        "",
+    ]
+    for (b, dim), goal in SPEED_TARGETS.items():
+        for t in threads:
+            r = by_key.get((b, dim, t))
+            if r is not None:
+                v = verdict(r["speedup_lo"], r["speedup_hi"], goal, below=False)
+                lines.append(
+                    f"- B={b}, D={dim}, {t} thread(s): {r['speedup']:.2f}x "
+                    f"({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f}) vs >= {goal:g}x: {v}"
+                )
+    mem_rows = [r for r in rows if "mem_authors_x" in r]
+    if mem_rows:
+        worst = max(r["mem_dispersive_x"] for r in mem_rows)
+        v = "met" if worst <= MEMORY_TARGET else "not met"
+        lines.append(
+            f"- peak extra memory of ours (D >= {_dim_label(MEMORY_MIN_D)}): at most "
+            f"{worst:.2f}x z vs <= {MEMORY_TARGET:g}x: {v}"
+        )
+    max_diff = max(r["value_rel_diff"] for r in rows)
+    lines += ["", f"Largest relative difference between the two loss values: {max_diff:.1e}."]
+    lines += ["", "Median times per call (ms) and peak extra memory (x z):", ""]
+    headers = ["threads", "B", "D", "authors (ms)", "ours (ms)", "speed-up (95% interval)"]
+    headers += ["mem authors", "mem ours"]
+    table = []
+    for r in rows:
+        table.append(
+            [
+                r["threads"],
+                r["B"],
+                _dim_label(r["D"]),
+                f"{r['t_authors_ms']:.3g}",
+                f"{r['t_ours_ms']:.3g}",
+                f"{r['speedup']:.2f}x ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f})",
+                f"{r['mem_authors_x']:.2f}" if "mem_authors_x" in r else "",
+                f"{r['mem_dispersive_x']:.2f}" if "mem_dispersive_x" in r else "",
+            ]
+        )
+    lines += ["<details><summary>all points</summary>", "", markdown_table(headers, table)]
+    lines += ["", "</details>"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny grid and few repeats (smoke run)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration")
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--quick", action="store_true", help="small grid, short budget (smoke run)")
+    p.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing per point (default 2)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
         "--output",
@@ -204,14 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=3, metavar=("IMPL", "B", "D"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
         impl, b, dim = args.child
         child_main(impl, int(b), int(dim))
         return 0
     grid = QUICK_GRID if args.quick else FULL_GRID
-    repeats = args.repeats or (3 if args.quick else 5)
-    rows = run(grid, repeats, args.threads, memory=not args.no_memory)
-    text = report(rows, repeats=repeats, threads=args.threads, quick=args.quick)
+    budget = args.budget or (0.5 if args.quick else 2.0)
+    t0 = time.perf_counter()
+    rows = run(grid, args.threads, budget, memory=not args.no_memory)
+    text = report(rows, threads=args.threads, budget_s=budget, quick=args.quick)
+    text += f"\n\nWall time of this run: {(time.perf_counter() - t0) / 60:.1f} min."
     print()
     print(text)
     output = args.output or (None if args.quick else DEFAULT_REPORT)

@@ -123,10 +123,10 @@ _dups = st.lists(st.one_of(st.just(0.0), st.floats(1e-7, 1e-1)), min_size=1, max
     tau=st.sampled_from([0.05, 0.1, 0.5, 1.0, 2.0]),
     diag=st.booleans(),
     normalize_by_dim=st.booleans(),
-    chunked=st.booleans(),
+    path=st.sampled_from(["auto", "gram", "chunked"]),
 )
 def test_value_and_gradient_match_float64_with_duplicates(
-    b, dim, seed, log_sigma, offset, dups, variant, tau, diag, normalize_by_dim, chunked
+    b, dim, seed, log_sigma, offset, dups, variant, tau, diag, normalize_by_dim, path
 ):
     sigma = 10.0**log_sigma
     z = batch_with_duplicates(b, dim, seed, sigma, offset * sigma, dups)
@@ -147,7 +147,9 @@ def test_value_and_gradient_match_float64_with_duplicates(
     want.backward()
     z32 = z.clone().requires_grad_(True)
     with pytest.MonkeyPatch.context() as mp:
-        if chunked:  # the column-chunked Gram path of large z, on this small z
+        if path != "auto":  # the Gram path (not pdist) for InfoNCE-l2 of small batches
+            mp.setattr(losses, "_PDIST_MAX_B", 0)
+        if path == "chunked":  # the column-chunked Gram path of large z, on this small z
             mp.setattr(losses, "_SMALL_ELEMS", 0)
             mp.setattr(losses, "_CHUNK_ELEMS", 3 * b)
         got = dispersive_loss(z32, variant=variant, **kw)

@@ -64,13 +64,19 @@ SCOPES: tuple[str, ...] = ("local", "global")
 # Elements per column chunk of the Gram computation (16 MiB in float32): bounds the transient
 # centred/upcast copy while keeping each matmul large enough to run at full speed.
 _CHUNK_ELEMS = 1 << 22
-# Up to this many elements z is centred/upcast in full and multiplied in one call (<= 4 MiB in
-# float32): below it the chunk bookkeeping costs more than the copy.
-_SMALL_ELEMS = 1 << 20
+# Up to this many elements z is centred/upcast in full and multiplied in one call (<= 1 MiB in
+# float32): below it the chunk bookkeeping costs more than the copy; above it the chunks were
+# measured faster too (they stay in cache) and keep the peak memory down.
+_SMALL_ELEMS = 1 << 18
 # A pair is near-duplicate when d_ij <= _NEAR * (n_i + n_j) (l2; n_i the centred squared norm)
 # or 1 - cos_ij <= _NEAR (cosine): its distance and gradient are then computed from z_i - z_j,
 # since the Gram form's rounding (~eps * (n_i + n_j)) is no longer small against d_ij.
 _NEAR = 0.25
+# InfoNCE-l2 of batches up to this size uses torch's pdist (exact distances from z_i - z_j):
+# for a few pairs it costs less than the Gram path's fixed overhead and skinny matmuls
+# (measured with benchmarks/loss.py) ...
+_PDIST_MAX_B = 8
+_PDIST_MAX_DIM = 4096  # ... and batches up to twice that size with at most this many features
 # At most this many columns per chunk: a float32 matmul accumulating over 300K columns in one
 # call measured 1e-5 relative error in G; chunks of 16K columns summed in G measured 3e-7.
 _CHUNK_COLS = 1 << 14
@@ -431,6 +437,51 @@ class _InfoNCEL2(torch.autograd.Function):
         return _sq_dist_grad(w * c, wp, saved, ctx.dtype), None, None, None, None
 
 
+def _infonce_from_pdist(pd: Tensor, b: int, coef: float, diag: bool):
+    """``(loss, e, total)`` from pdist's distances: e_k = exp(x_k - shift) of the pair logits
+    x_k = -coef pd_k^2 and ``total`` their sum over both triangles (+ the diagonal)."""
+    x = pd.square().mul_(-coef)  # logits of the pairs i < j
+    if diag:  # the diagonal's logits are exactly 0, the largest: no shift needed
+        e = x.exp_()
+        total = e.sum().mul_(2).add_(b)
+        lse = total.log()
+    else:
+        top = x.amax()
+        e = x.sub_(top).exp_()
+        total = e.sum().mul_(2)
+        lse = total.log().add_(top)
+    return lse.sub_(math.log(b * b if diag else b * (b - 1))), e, total
+
+
+class _InfoNCEFromPdist(torch.autograd.Function):
+    """InfoNCE-l2 from the B(B-1)/2 distances of ``torch.nn.functional.pdist`` (not squared).
+
+    For small batches: pdist computes each distance from z_i - z_j (exact for near-duplicate
+    pairs, and its autograd backward too), and with a handful of pairs this costs less than
+    the Gram path's extra small operations. Both triangles count (d_ij = d_ji), plus the
+    diagonal when ``diag``.
+    """
+
+    @staticmethod
+    def forward(ctx, pd: Tensor, b: int, coef: float, diag: bool) -> Tensor:  # type: ignore[override]
+        loss, e, total = _infonce_from_pdist(pd, b, coef, diag)
+        ctx.save_for_backward(e, total, pd)
+        ctx.coef = coef
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        e, total, pd = ctx.saved_tensors
+        # dL/dx_k = 2 e_k / total (both triangles), x_k = -coef pd_k^2.
+        return e * pd * (grad_out / total).mul_(-4 * ctx.coef), None, None, None
+
+
+def _use_pdist(b: int, dim: int) -> bool:
+    """Small batches: the B(B-1)/2 direct distances beat the Gram path's fixed cost."""
+    return b <= _PDIST_MAX_B or (b <= 2 * _PDIST_MAX_B and dim <= _PDIST_MAX_DIM)
+
+
 def _cos_gap(a: Tensor, b: Tensor, na: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
     """``(v, 1 - cos)`` for rows a, b (P, dim) with norms na, nb (P, 1): v = a/|a| - b/|b|.
 
@@ -564,8 +615,15 @@ def _dispersive_2d(
         total = _covariance_sum_sq(_standardize(z, dtype))
         return total / z.shape[1] ** 2 if normalize_by_dim else total
     if variant == "infonce_l2":
-        scale = 1 / z.shape[1] if normalize_by_dim else 1.0
-        return _InfoNCEL2.apply(z, scale, tau, include_diagonal, dtype)
+        b, dim = z.shape
+        coef = (1 / dim if normalize_by_dim else 1.0) / tau
+        if _use_pdist(b, dim):
+            pd = torch.nn.functional.pdist(z if z.dtype == dtype else z.to(dtype))
+            # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
+            if not math.isfinite(pd.detach().sum().item()):
+                _check_finite(z, "z")
+            return _InfoNCEFromPdist.apply(pd, b, coef, include_diagonal)
+        return _InfoNCEL2.apply(z, coef * tau, tau, include_diagonal, dtype)
     dis = _dissimilarity(z, variant, normalize_by_dim, dtype)
     if variant == "hinge":
         return _reduce_hinge(dis, margin, include_diagonal)
