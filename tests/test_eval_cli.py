@@ -187,6 +187,10 @@ def test_sample_writes_npz_grid_and_spec(tiny_ckpt, tmp_path, capsys):
         "2",
         "--seed",
         "7",
+        "--cfg-scale",
+        "2",
+        "--cfg-channels",
+        "1",
         "--outdir",
         str(out),
     ]
@@ -208,6 +212,7 @@ def test_sample_writes_npz_grid_and_spec(tiny_ckpt, tmp_path, capsys):
     ):
         assert key in spec, key
     assert spec["steps"] == 2 and spec["seed"] == 7 and spec["checkpoint_step"] == 3
+    assert spec["cfg_scale"] == 2.0 and spec["cfg_channels"] == 1
     assert (out / "grid.png").is_file() and not (out / "shards").exists()
     # Same seed, different output folder: identical samples (chunk seeding is deterministic).
     assert main([*args[:-1], str(tmp_path / "t")]) == 0

@@ -148,3 +148,62 @@ def test_bad_arguments_name_the_problem():
         cfg(model, y=y.float(), null_y=NULL, scale=2.0)(x, t)
     with pytest.raises(ValueError, match="channels"):
         cfg(model, y=y, null_y=NULL, scale=2.0, channels=0)
+
+
+# ------------------------------------------------------------------ through generate()
+
+
+class ClassVelocity(torch.nn.Module):
+    """An analytic flow model whose velocity is a per-class, per-channel constant:
+    v[:, k] = (y + 1) * (k + 1) / 10 for label y (the null label is NULL)."""
+
+    kind, num_classes, in_channels, out_channels, input_size = "flow", NULL, 4, 4, 2
+    config = {"name": "class-velocity"}
+
+    def forward(self, x, t, y):
+        k = torch.arange(1, 5, dtype=x.dtype).reshape(1, 4, 1, 1)
+        return ((y.to(x.dtype) + 1).reshape(-1, 1, 1, 1) * k / 10).expand_as(x).clone()
+
+
+@pytest.mark.parametrize("channels", [None, 1, 3, 4])
+def test_generate_guides_the_chosen_channels_and_records_them(channels):
+    from dispersive.generate import generate
+
+    scale, y = 2.5, torch.tensor([0, 3, 1])
+    images, spec = generate(
+        ClassVelocity(), num=3, sampler="euler", steps=1, cfg_scale=scale, cfg_channels=channels,
+        labels=y, space="latent", generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    noise = torch.randn((3, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    velocity = noise - images  # one Euler step from t = 1 to 0: x0 = noise - v
+    k = torch.arange(1, 5, dtype=torch.float32).reshape(1, 4, 1, 1)
+    cond = (y + 1).float().reshape(-1, 1, 1, 1) * k / 10
+    uncond = (NULL + 1) * k / 10
+    n = 4 if channels is None else channels
+    expect = cond.expand(3, 4, 2, 2).clone()
+    expect[:, :n] = (uncond + scale * (cond - uncond)).expand(3, 4, 2, 2)[:, :n]
+    torch.testing.assert_close(velocity, expect)
+    assert spec["cfg_channels"] == n and spec["cfg_scale"] == scale
+
+
+def test_generate_cfg_channels_errors_are_named():
+    from dispersive.generate import generate
+
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=r"cfg_channels must be in \[1, 4\]"):
+            generate(ClassVelocity(), num=1, steps=1, cfg_scale=2.0, cfg_channels=bad)
+
+
+def test_imagenet_presets_guide_three_latent_channels_as_the_official_code():
+    from pathlib import Path
+
+    from dispersive.errors import UserError
+    from dispersive.train.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("sit-b2", "sit-b2-disp", "sit-xl2", "sit-xl2-disp-pytorch", "dit-b2-disp"):
+        cfg = load_config(configs / f"imagenet256-{name}.toml")
+        assert cfg.sample.cfg_channels == 3 and cfg.model.in_channels == 4, name
+    assert load_config(configs / "tiny.toml").sample.cfg_channels == 0  # default: all
+    with pytest.raises(UserError, match="sample.cfg_channels = 5 exceeds model.in_channels = 4"):
+        load_config(configs / "imagenet256-sit-b2.toml", ["sample.cfg_channels=5"])

@@ -455,7 +455,7 @@ def test_generate_end_to_end_recovers_the_gaussian_and_restores_train_mode():
         "method": "heun", "steps": 20, "nfe": 39, "cfg_scale": 1.0, "cfg_interval": [0.0, 1.0],
         "options": {"final_euler": True},
         "model": "gaussian-oracle", "kind": "flow", "num": 300, "path": "linear", "seed": 0,
-        "space": "pixel", "decoded": False, "clamp": "pixels",
+        "space": "pixel", "decoded": False, "clamp": "pixels", "cfg_channels": 1,
     }  # fmt: skip
     # 3 batches x 39 evaluations, t running from noise (1) to data.
     assert len(model.seen_t) == 3 * 39 and float(model.seen_t[0][0]) == 1.0
