@@ -140,6 +140,12 @@ def test_meanflow_presets_train_with_the_official_recipe(stem):
     assert cfg.objective.kind == "meanflow"
     assert _meanflow_recipe(cfg.objective) == OFFICIAL_MF
     assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.lr == 1e-4  # adam_b2 0.95
+    from dispersive.models import build
+    from dispersive.train.config import model_kwargs
+
+    with torch.device("meta"):
+        model = build(**model_kwargs(cfg.model))
+    assert model.time_scale_value == 1.0  # the official networks embed the raw t and h
 
 
 def test_table7_grid_trains_every_arm_with_the_official_recipe(tmp_path):

@@ -93,7 +93,7 @@ def _registry() -> dict[str, ModelEntry]:
     families = [
         ("SiT", SiT, (*_TRANSFORMER_OVERRIDES, "learn_sigma", "time_scale", "time_origin")),
         ("DiT", DiT, (*_TRANSFORMER_OVERRIDES, "learn_sigma")),
-        ("MF", MeanFlowTransformer, _TRANSFORMER_OVERRIDES),
+        ("MF", MeanFlowTransformer, (*_TRANSFORMER_OVERRIDES, "time_scale")),
     ]
     for prefix, cls, allowed in families:
         for size, arch in SIZES.items():
@@ -135,7 +135,8 @@ def build(
             with ``**kwargs`` (keywords win). Transformers: depth, hidden_size, num_heads,
             patch_size, mlp_ratio, attn ("sdpa" | "math"), pos_embed ("hw" | "wh"), and
             learn_sigma for DiT; learn_sigma, time_scale and time_origin for SiT (the official
-            SiT's conventions, see :func:`load_official`). UNet:
+            SiT's conventions, see :func:`load_official`); time_scale for MeanFlow (default 1,
+            the official networks'; see ``dispersive.models.meanflow``). UNet:
             model_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
             num_heads, attn.
 

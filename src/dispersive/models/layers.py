@@ -40,7 +40,8 @@ ATTN_BACKENDS = ("sdpa", "math")
 # official DiT and SiT; needed to run their released weights).
 POS_EMBED_ORDERS = ("hw", "wh")
 
-# Flow / MeanFlow models embed 1000 * t so their frequencies match DiT's integer steps.
+# Flow models embed 1000 * t so their frequencies match DiT's integer steps (MeanFlow models embed
+# the raw t and h, as the official MeanFlow code; see dispersive.models.meanflow).
 FLOW_TIME_SCALE = 1000.0
 
 
