@@ -333,6 +333,38 @@ def test_ddpm_calls_the_model_with_original_step_indices():
     assert torch.equal(ks, sched.timesteps.flip(0).to(F64))
 
 
+def _adm_spacing(total: int, count: int) -> list[int]:
+    """ADM's space_timesteps(total, [count]) from its published description: positions
+    0, s, 2s, ... built by repeated float64 addition of the stride s = (total - 1) / (count - 1),
+    each rounded half to even (an independent oracle: a numpy running sum and rint)."""
+    import numpy as np
+
+    stride = (total - 1) / (count - 1)
+    positions = np.cumsum(np.concatenate([[0.0], np.full(count - 1, stride)]))
+    return np.rint(positions).astype(int).tolist()
+
+
+def test_respacing_matches_adm_for_every_count():
+    from dispersive.schedules import respaced_steps
+
+    direct_differs = 0
+    for total in (1000, 4000, 250):
+        for count in range(2, total + 1, 1 if total == 1000 else 7):
+            kept = respaced_steps(total, count)
+            assert kept == _adm_spacing(total, count), (total, count)
+            if total == 1000:
+                direct = [round(i * (total - 1) / (count - 1)) for i in range(count)]
+                direct_differs += direct != kept
+    # The oracle has teeth: rounding i * stride directly (this package's former rule) breaks
+    # ties differently for 283 counts in 2..1000, none of them a round number.
+    assert direct_differs == 283
+    assert respaced_steps(1000, 1) == [999]  # one step: the noisiest (ADM: step 0)
+    base = DDPMSchedule()
+    assert base.respace(21).timesteps.tolist() == _adm_spacing(1000, 21)
+    with pytest.raises(ValueError, match=r"count must be in \[1, 1000\]"):
+        respaced_steps(1000, 1001)
+
+
 def test_ddim_eta0_converges_to_the_gaussian_at_first_order():
     # DDIM with eta = 0 and a linear predictor is an affine map x -> A x + b: its output law
     # N(b, A^2) is computed exactly from two evaluations, so the discretization error is seen
