@@ -223,6 +223,8 @@ def test_sample_decodes_to_pixels_and_eval_scores_them(work, runs, monkeypatch, 
     import dispersive.eval.features as features
     import dispersive.train.latents as latents
     from dispersive.eval.io import load_npz, save_npz, to_uint8
+    from dispersive.generate import generate
+    from dispersive.train.checkpoint import load_model
     from dispersive.train.data import load_image
 
     # What reaches the VAE decoder, recorded through the loader `dispersive sample` uses.
@@ -255,6 +257,7 @@ def test_sample_decodes_to_pixels_and_eval_scores_them(work, runs, monkeypatch, 
     assert labels.tolist() == [i % len(CLASSES) for i in range(num)]
     spec = json.loads((out / "spec.json").read_text())
     assert spec["vae"] == str(work / "vae") and spec["checkpoint_step"] == STEPS
+    assert (spec["space"], spec["decoded"], spec["clamp"]) == ("latent", True, "pixels")
 
     # The pixels are the decoder's output for the latents it was fed (two chunks: 8 + 4).
     assert [len(z) for z in fed] == [8, 4]
@@ -262,6 +265,21 @@ def test_sample_decodes_to_pixels_and_eval_scores_them(work, runs, monkeypatch, 
     with torch.no_grad():
         pixels = torch.cat([vae.decode(z).sample for z in fed]).clamp(-1, 1)
     np.testing.assert_array_equal(images, to_uint8(pixels))
+
+    # ... and those latents are the sampler's, unclamped (divided by the VAE scale only): the
+    # same chunks drawn again as latents (chunk c: generator seed * 1000003 + c, labels i mod K).
+    model, _, _ = load_model(runs["two-nodes"])
+    scale = latents.read_meta(work / "latents")["scale"]
+    raw = []
+    for c, z in enumerate(fed):
+        lo = 8 * c
+        x, _ = generate(
+            model, num=len(z), sampler="euler", steps=2, labels=torch.arange(lo, lo + len(z)) % 2,
+            generator=torch.Generator().manual_seed(c), batch_size=8, space="latent",
+        )  # fmt: skip
+        torch.testing.assert_close(z * scale, x)
+        raw.append(x)
+    assert float(torch.cat(raw).abs().max()) > 1.5  # a clamp to [-1, 1] would have cut these
 
     # `dispersive eval` against an ADM-style reference batch: the centre-cropped training images.
     files = sorted((work / "train").glob("*/*"))
