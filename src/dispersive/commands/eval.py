@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from dispersive.eval.features import FEATURES
+from dispersive.eval.fid import EVAL_KEYS, METRICS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -23,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="reference: .npz of images, image folder, or statistics .npz (mu, sigma); "
         "default with --features fashion-mnist: the shipped training-set statistics",
     )
-    p.add_argument("--features", choices=("fashion-mnist", "inception"), default="fashion-mnist")
+    p.add_argument("--features", choices=FEATURES, default="fashion-mnist")
     p.add_argument(
         "--inception-weights",
         default=None,
@@ -32,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics",
         nargs="+",
-        default=["fid", "is", "kid", "pr"],
-        choices=["fid", "is", "kid", "pr"],
+        default=list(METRICS),
+        choices=list(METRICS),
         help="which metrics to compute (pr = precision/recall)",
     )
     p.add_argument("--batch-size", type=int, default=500)
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_stats=args.save_stats,
     )
-    for key in ("fid", "is", "kid", "precision", "recall"):
+    for key in EVAL_KEYS:
         if key in res:
             extra = f" ± {res[key + '_std']:.4g}" if key + "_std" in res else ""
             print(f"{key:>10}: {res[key]:.6g}{extra}")

@@ -22,6 +22,12 @@ from dispersive.atomic import atomic_write
 from dispersive.errors import UserError
 
 __all__ = [
+    "METRICS",
+    "METRIC_INFO",
+    "METRIC_KEYS",
+    "EVAL_KEYS",
+    "Metric",
+    "evaluate",
     "Statistics",
     "feature_statistics",
     "save_statistics",
@@ -265,7 +271,38 @@ def precision_recall(
 # Everything at once: what `dispersive eval` runs
 # ----------------------------------------------------------------------------------------------
 
-METRICS = ("fid", "is", "kid", "pr")
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported number: how tables name it and which direction is better."""
+
+    label: str
+    higher_is_better: bool
+
+
+#: Every metric a run or an evaluation reports, by its key in the results: what
+#: :func:`evaluate` returns and the in-training proxy (:mod:`dispersive.eval.proxy`).
+#: A new metric is added here (and computed in :func:`evaluate`); the CLI, the experiment
+#: results and the report read it from here.
+METRIC_INFO: dict[str, Metric] = {
+    "fid": Metric("FID", False),
+    "is": Metric("IS", True),
+    "kid": Metric("KID", False),
+    "precision": Metric("precision", True),
+    "recall": Metric("recall", True),
+    "proxy_fid": Metric("proxy FID", False),
+    "proxy_acc": Metric("class acc.", True),
+}
+#: The ``metrics`` :func:`evaluate` can compute (``dispersive eval --metrics``) -> result keys.
+METRIC_KEYS: dict[str, tuple[str, ...]] = {
+    "fid": ("fid",),
+    "is": ("is",),
+    "kid": ("kid",),
+    "pr": ("precision", "recall"),
+}
+METRICS = tuple(METRIC_KEYS)
+#: The result keys of :func:`evaluate`, in order.
+EVAL_KEYS = tuple(k for keys in METRIC_KEYS.values() for k in keys)
 
 
 def evaluate(
@@ -292,7 +329,7 @@ def evaluate(
             ``None`` with ``features="fashion-mnist"`` uses the shipped training-set statistics.
         features: "fashion-mnist" (shipped domain classifier) or "inception" (needs
             ``inception_weights``, a local file verified by sha256).
-        metrics: a subset of ("fid", "is", "kid", "pr").
+        metrics: a subset of :data:`METRICS` ("fid", "is", "kid", "pr").
         save_stats: if given, also write the samples' feature statistics there.
 
     Returns:

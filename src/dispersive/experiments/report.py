@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dispersive.eval.fid import EVAL_KEYS, METRIC_INFO
 from dispersive.experiments.grid import Grid, toml_literal
 from dispersive.experiments.plots import plot_block_norms, plot_curves, plot_samples
 from dispersive.experiments.results import (
@@ -189,15 +190,7 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
     return path
 
 
-_LABELS = {
-    "proxy_fid": "proxy FID ↓",
-    "proxy_acc": "class acc. ↑",
-    "fid": "FID ↓",
-    "is": "IS ↑",
-    "kid": "KID ↓",
-    "precision": "precision ↑",
-    "recall": "recall ↑",
-}
+_LABELS = {k: f"{m.label} {'↑' if m.higher_is_better else '↓'}" for k, m in METRIC_INFO.items()}
 
 
 def _label(key: str) -> str:
@@ -213,11 +206,7 @@ def _metric_note(results: list[RunResult], spec_name: str) -> str:
 
 def _other_metrics(grid: Grid, results: list[RunResult], main: str) -> str:
     """Mean ± std (relative change) per arm of every final-evaluation metric but the main one."""
-    keys = [
-        f"{m}:{fe.name}"
-        for fe in grid.final_evals
-        for m in ("fid", "is", "kid", "precision", "recall")
-    ]
+    keys = [f"{m}:{fe.name}" for fe in grid.final_evals for m in EVAL_KEYS]
     keys = [k for k in keys if k != main and any(k in r.values for r in results)]
     if not keys:
         return ""

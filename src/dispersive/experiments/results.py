@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dispersive.atomic import atomic_write
+from dispersive.eval.fid import EVAL_KEYS, METRIC_INFO
 from dispersive.experiments.grid import Arm, Grid, RunSpec
 from dispersive.train.rundir import DONE_FILE
 
@@ -135,7 +136,7 @@ def metric_key(grid: Grid) -> str:
     return f"fid:{grid.final_evals[0].name}"
 
 
-HIGHER_IS_BETTER = ("is", "proxy_acc", "precision", "recall")
+HIGHER_IS_BETTER = tuple(k for k, m in METRIC_INFO.items() if m.higher_is_better)
 
 
 def _higher_is_better(key: str) -> bool:
@@ -186,7 +187,7 @@ def collect(grid: Grid, steps: dict[str, int]) -> list[RunResult]:
             rec = _read_json(final_eval_file(run.run_dir, fe.name, budget))
             if rec is None or int(rec.get("checkpoint_step", -1)) != budget:
                 continue
-            for k in ("fid", "is", "kid", "precision", "recall"):
+            for k in EVAL_KEYS:
                 if _finite(rec.get(k)):
                     res.values[f"{k}:{fe.name}"] = float(rec[k])
             res.specs[fe.name] = dict(rec.get("sampler_spec") or {})
