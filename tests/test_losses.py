@@ -367,6 +367,23 @@ def test_module_equals_function():
     assert "hinge" in repr(m) and "include_diagonal=False" in repr(m)
 
 
+def test_module_groups_are_the_mean_of_the_group_losses():
+    # The paper's 16 samples per device whatever the batch: B = k g -> mean of k group losses.
+    z, zp = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    m = DispersiveLoss(tau=0.3, group_size=4)
+    groups = (slice(0, 4), slice(4, 8), slice(8, 12))
+    torch.testing.assert_close(m(z), sum(dispersive_loss(z[g], tau=0.3) for g in groups) / 3)
+    want = sum(contrastive_loss(z[g], zp[g], tau=0.3) for g in groups) / 3
+    torch.testing.assert_close(m.contrastive(z, zp), want)
+    assert torch.equal(DispersiveLoss(group_size=12)(z), dispersive_loss(z))  # one group
+    assert "group_size=4" in repr(m)
+    with pytest.raises(ValueError, match="groups of 5"):
+        DispersiveLoss(group_size=5)(z)
+    for bad in (dict(group_size=1), dict(group_size=4, scope="global")):
+        with pytest.raises(ValueError, match="group_size"):
+            DispersiveLoss(**bad)
+
+
 def test_global_scope_without_process_group_is_local():
     assert not torch.distributed.is_initialized()
     z = torch.randn(6, 10)
