@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import pickle
 import struct
 from collections import deque
@@ -47,6 +48,11 @@ __all__ = [
     "ArrayDataset",
     "ImageFolderDataset",
     "synthetic_images",
+    "META_NAME",
+    "LATENT_FORMAT",
+    "latent_shard_name",
+    "read_meta",
+    "LatentDataset",
     "build_dataset",
     "BatchStream",
     "BatchLoader",
@@ -468,6 +474,119 @@ def synthetic_images(
     return x.clamp(-1, 1).float(), y
 
 
+# ----------------------------------------------------------------------------------------------
+# Latents written by `dispersive extract-latents` (train/latents.py): the reading side
+
+META_NAME = "meta.json"
+LATENT_FORMAT = "dispersive-latents"
+
+
+def latent_shard_name(k: int) -> str:
+    """The folder of shard ``k`` in a latent folder."""
+    return f"shard-{k:05d}"
+
+
+def read_meta(path: str | Path) -> dict:
+    """Read ``OUT_DIR/meta.json`` of an extraction (raises UserError with the fix if absent)."""
+    p = Path(path) / META_NAME
+    if not p.is_file():
+        raise UserError(
+            f"no latents in {path} ({META_NAME} missing); create them with "
+            f"`dispersive extract-latents IMAGE_DIR {path} --vae PATH_OR_ID`"
+        )
+    with open(p) as f:
+        meta = json.load(f)
+    if meta.get("format") != LATENT_FORMAT:
+        raise UserError(f"{p} is not a {LATENT_FORMAT} meta file")
+    return meta
+
+
+class LatentDataset:
+    """Latents written by ``dispersive extract-latents``, memory-mapped shard by shard.
+
+    ``get_batch`` samples ``z = scale * (mean + std * eps)`` with ``eps`` from the generator, so a
+    resumed run draws the same latents. With ``hflip`` each sample uses the latents of the
+    flipped image with probability 1/2 (the flip draws come before the eps draws).
+
+    Args:
+        path: the extraction's OUT_DIR.
+        hflip: use the stored flipped latents (needs ``extract-latents --hflip``).
+    """
+
+    def __init__(self, path: str | Path, *, hflip: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        if not self.meta.get("complete"):
+            raise UserError(
+                f"the latents in {path} are incomplete (an extraction was interrupted); rerun "
+                f"the same `dispersive extract-latents ... {path}` command to finish it"
+            )
+        if hflip and not self.meta.get("hflip"):
+            raise UserError(
+                f"data.hflip = true but the latents in {path} have no flipped copies; "
+                "re-extract with `dispersive extract-latents --hflip` or set data.hflip = false"
+            )
+        self.hflip = hflip
+        self.scale = float(self.meta["scale"])
+        self.shard_size = int(self.meta["shard_size"])
+        self.num_classes = int(self.meta["num_classes"])
+        self.image_shape = tuple(int(s) for s in self.meta["latent_shape"])
+        names = ["mean", "std"] + (["mean_flip", "std_flip"] if hflip else [])
+        self._shards: list[dict[str, np.ndarray]] = []
+        labels = []
+        for k in range(int(self.meta["num_shards"])):
+            d = self.path / latent_shard_name(k)
+            try:
+                shard = {
+                    nm: np.load(d / f"{nm}.npy", mmap_mode="r", allow_pickle=False) for nm in names
+                }
+                labels.append(np.load(d / "labels.npy", allow_pickle=False))
+            except FileNotFoundError as e:
+                raise UserError(
+                    f"latent shard file missing: {e.filename}; rerun extract-latents into {path}"
+                ) from None
+            self._shards.append(shard)
+        self.labels = torch.from_numpy(np.concatenate(labels)).long()
+        if len(self.labels) != int(self.meta["num_images"]):
+            raise UserError(
+                f"{path}: shards hold {len(self.labels)} latents but meta.json says "
+                f"{self.meta['num_images']}; re-extract into a new folder"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(
+        self, indices: np.ndarray | Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sample scaled latents: x float32 (B, C, h, w), y long (B,)."""
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor) else indices)
+        idx = idx.long()
+        b = len(idx)
+        flip = (
+            torch.rand(b, generator=generator) < 0.5 if self.hflip else torch.zeros(b, dtype=bool)
+        )
+        mean = np.empty((b, *self.image_shape), dtype=np.float32)
+        std = np.empty_like(mean)
+        shard_of = (idx // self.shard_size).numpy()
+        local = (idx % self.shard_size).numpy()
+        for k in np.unique(shard_of):
+            rows = np.nonzero(shard_of == k)[0]
+            for f in (False, True) if self.hflip else (False,):
+                sel = rows[flip.numpy()[rows] == f]
+                if len(sel) == 0:
+                    continue
+                sfx = "_flip" if f else ""
+                # Sorted reads are friendlier to the page cache of a memory map.
+                order = np.argsort(local[sel], kind="stable")
+                src = local[sel][order]
+                mean[sel[order]] = self._shards[k]["mean" + sfx][src]
+                std[sel[order]] = self._shards[k]["std" + sfx][src]
+        eps = torch.randn(mean.shape, generator=generator)
+        z = self.scale * (torch.from_numpy(mean) + torch.from_numpy(std) * eps)
+        return z, self.labels[idx]
+
+
 def build_dataset(data_cfg: Any, *, model_cfg: Any, train: bool = True, seed: int = 0) -> Any:
     """Build the dataset named by ``data_cfg.name``, shaped for ``model_cfg``.
 
@@ -496,8 +615,6 @@ def build_dataset(data_cfg: Any, *, model_cfg: Any, train: bool = True, seed: in
     elif name == "imagefolder":
         ds = ImageFolderDataset(data_cfg.path, size=size, hflip=data_cfg.hflip)
     elif name == "latents":
-        from dispersive.train.latents import LatentDataset
-
         ds = LatentDataset(data_cfg.path, hflip=data_cfg.hflip)
     elif name == "synthetic":
         ncls = model_cfg.num_classes or 10

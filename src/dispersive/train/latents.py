@@ -34,6 +34,14 @@ from torch import Tensor
 
 from dispersive.atomic import atomic_write, fsync_dir
 from dispersive.errors import UserError
+from dispersive.train.data import (  # the reading side of a latent folder is a dataset
+    LATENT_FORMAT,
+    META_NAME,
+    ImageFolderDataset,
+    LatentDataset,
+    latent_shard_name,
+    read_meta,
+)
 
 __all__ = [
     "SD_VAE_SCALE",
@@ -47,8 +55,6 @@ __all__ = [
 ]
 
 SD_VAE_SCALE = 0.18215  # Stable Diffusion VAE latent scale (DiT / SiT)
-META_NAME = "meta.json"
-_FORMAT = "dispersive-latents"
 _KEYS = ("mean", "std")
 
 
@@ -90,33 +96,14 @@ def load_vae(path_or_id: str, *, device: str | torch.device = "cpu") -> Any:
     return vae.to(device).eval().requires_grad_(False)
 
 
-def read_meta(path: str | Path) -> dict:
-    """Read ``OUT_DIR/meta.json`` of an extraction (raises UserError with the fix if absent)."""
-    p = Path(path) / META_NAME
-    if not p.is_file():
-        raise UserError(
-            f"no latents in {path} ({META_NAME} missing); create them with "
-            f"`dispersive extract-latents IMAGE_DIR {path} --vae PATH_OR_ID`"
-        )
-    with open(p) as f:
-        meta = json.load(f)
-    if meta.get("format") != _FORMAT:
-        raise UserError(f"{p} is not a {_FORMAT} meta file")
-    return meta
-
-
 def _write_json_atomic(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=2))
 
 
-def _shard_name(k: int) -> str:
-    return f"shard-{k:05d}"
-
-
 def _save_shard(out_dir: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
     """Write one shard into a temporary folder, fsync, then rename it into place."""
-    final = out_dir / _shard_name(k)
-    tmp = out_dir / (_shard_name(k) + ".tmp")
+    final = out_dir / latent_shard_name(k)
+    tmp = out_dir / (latent_shard_name(k) + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -168,8 +155,6 @@ def extract_latents(
     Raises:
         UserError: missing images or VAE, or an OUT_DIR holding a different extraction.
     """
-    from dispersive.train.data import ImageFolderDataset
-
     out = Path(out_dir)
     ds = ImageFolderDataset(image_dir, size=image_size)
     # The file list identifies the extraction: a rerun on changed images must not mix shards.
@@ -178,7 +163,7 @@ def extract_latents(
     n = len(ds)
     num_shards = (n + shard_size - 1) // shard_size
     plan = {
-        "format": _FORMAT,
+        "format": LATENT_FORMAT,
         "version": 1,
         "vae": str(vae),
         "scale": float(scale),
@@ -208,7 +193,7 @@ def extract_latents(
     for stale in out.glob("shard-*.tmp"):  # left by an interrupted run
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
-    todo = [k for k in range(num_shards) if not (out / _shard_name(k)).is_dir()]
+    todo = [k for k in range(num_shards) if not (out / latent_shard_name(k)).is_dir()]
     skipped = [k for k in range(num_shards) if k not in set(todo)]
     if todo:
         model = load_vae(vae, device=device)
@@ -242,96 +227,10 @@ def extract_latents(
         written.append(k)
         if progress:
             print(f"latents: shard {k + 1}/{num_shards} ({len(idx)} images) -> {out}", flush=True)
-    complete = all((out / _shard_name(k)).is_dir() for k in range(num_shards))
+    complete = all((out / latent_shard_name(k)).is_dir() for k in range(num_shards))
     if plan.get("latent_shape") is not None:
         _write_json_atomic(meta_path, {**plan, "complete": complete})
     return {"written": written, "skipped": skipped, "num_shards": num_shards, "complete": complete}
-
-
-class LatentDataset:
-    """Latents written by :func:`extract_latents`, memory-mapped shard by shard.
-
-    ``get_batch`` samples ``z = scale * (mean + std * eps)`` with ``eps`` from the generator, so a
-    resumed run draws the same latents. With ``hflip`` each sample uses the latents of the
-    flipped image with probability 1/2 (the flip draws come before the eps draws).
-
-    Args:
-        path: the extraction's OUT_DIR.
-        hflip: use the stored flipped latents (needs ``extract-latents --hflip``).
-    """
-
-    def __init__(self, path: str | Path, *, hflip: bool = False) -> None:
-        self.path = Path(path)
-        self.meta = read_meta(self.path)
-        if not self.meta.get("complete"):
-            raise UserError(
-                f"the latents in {path} are incomplete (an extraction was interrupted); rerun "
-                f"the same `dispersive extract-latents ... {path}` command to finish it"
-            )
-        if hflip and not self.meta.get("hflip"):
-            raise UserError(
-                f"data.hflip = true but the latents in {path} have no flipped copies; "
-                "re-extract with `dispersive extract-latents --hflip` or set data.hflip = false"
-            )
-        self.hflip = hflip
-        self.scale = float(self.meta["scale"])
-        self.shard_size = int(self.meta["shard_size"])
-        self.num_classes = int(self.meta["num_classes"])
-        self.image_shape = tuple(int(s) for s in self.meta["latent_shape"])
-        names = ["mean", "std"] + (["mean_flip", "std_flip"] if hflip else [])
-        self._shards: list[dict[str, np.ndarray]] = []
-        labels = []
-        for k in range(int(self.meta["num_shards"])):
-            d = self.path / _shard_name(k)
-            try:
-                shard = {
-                    nm: np.load(d / f"{nm}.npy", mmap_mode="r", allow_pickle=False) for nm in names
-                }
-                labels.append(np.load(d / "labels.npy", allow_pickle=False))
-            except FileNotFoundError as e:
-                raise UserError(
-                    f"latent shard file missing: {e.filename}; rerun extract-latents into {path}"
-                ) from None
-            self._shards.append(shard)
-        self.labels = torch.from_numpy(np.concatenate(labels)).long()
-        if len(self.labels) != int(self.meta["num_images"]):
-            raise UserError(
-                f"{path}: shards hold {len(self.labels)} latents but meta.json says "
-                f"{self.meta['num_images']}; re-extract into a new folder"
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def get_batch(
-        self, indices: np.ndarray | Tensor, *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Sample scaled latents: x float32 (B, C, h, w), y long (B,)."""
-        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor) else indices)
-        idx = idx.long()
-        b = len(idx)
-        flip = (
-            torch.rand(b, generator=generator) < 0.5 if self.hflip else torch.zeros(b, dtype=bool)
-        )
-        mean = np.empty((b, *self.image_shape), dtype=np.float32)
-        std = np.empty_like(mean)
-        shard_of = (idx // self.shard_size).numpy()
-        local = (idx % self.shard_size).numpy()
-        for k in np.unique(shard_of):
-            rows = np.nonzero(shard_of == k)[0]
-            for f in (False, True) if self.hflip else (False,):
-                sel = rows[flip.numpy()[rows] == f]
-                if len(sel) == 0:
-                    continue
-                sfx = "_flip" if f else ""
-                # Sorted reads are friendlier to the page cache of a memory map.
-                order = np.argsort(local[sel], kind="stable")
-                src = local[sel][order]
-                mean[sel[order]] = self._shards[k]["mean" + sfx][src]
-                std[sel[order]] = self._shards[k]["std" + sfx][src]
-        eps = torch.randn(mean.shape, generator=generator)
-        z = self.scale * (torch.from_numpy(mean) + torch.from_numpy(std) * eps)
-        return z, self.labels[idx]
 
 
 def load_vae_from_meta(latent_dir: str | Path, *, device: str | torch.device = "cpu") -> Any:
