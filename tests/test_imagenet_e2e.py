@@ -101,11 +101,48 @@ def work(tmp_path_factory) -> Path:
         sample_size=SIZE,
     ).save_pretrained(root / "vae")
 
-    argv = ["extract-latents", str(root / "train"), str(root / "latents")]
-    argv += ["--vae", str(root / "vae"), "--image-size", str(SIZE), "--shard-size", "8"]
-    argv += ["--batch-size", "8", "--device", "cpu"]
-    assert main(argv) == 0
+    # Extraction on 2 node ranks: 3 shards of 4 images, dealt round-robin (0, 2 | 1).
+    argv = ["-m", "dispersive", "extract-latents", str(root / "train"), str(root / "latents")]
+    argv += ["--vae", str(root / "vae"), "--image-size", str(SIZE), "--shard-size", "4"]
+    argv += ["--batch-size", "4", "--device", "auto"]
+    out = _torchrun({f"node-{r}": [*_two_nodes(r), *argv] for r in (0, 1)}, cwd=root)
+    (root / "extract-node-0.log").write_text(out["node-0"])
+    (root / "extract-node-1.log").write_text(out["node-1"])
     return root
+
+
+def _two_nodes(node_rank: int, port: list[int] = []) -> list[str]:  # noqa: B006
+    """torchrun arguments of node ``node_rank`` of 2 (1 process each), static rendezvous."""
+    if node_rank == 0:
+        port[:] = [_free_port()]
+    return [
+        *("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank)),
+        *("--rdzv-backend", "static", "--master-addr", "127.0.0.1", "--master-port", str(port[0])),
+    ]
+
+
+def _torchrun(cmds: dict[str, list[str]], cwd: Path) -> dict[str, str]:
+    """Run torchrun commands at the same time; their stdout, after checking they succeeded."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    procs = {
+        k: subprocess.Popen(
+            [*run, *c], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=cwd,
+        )
+        for k, c in cmds.items()
+    }  # fmt: skip
+    out = {}
+    try:
+        for k, p in procs.items():
+            out[k] = p.communicate(timeout=TIMEOUT)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for k, p in procs.items():
+        assert p.returncode == 0, f"{k}:\n{out[k][1][-3000:]}"
+    return {k: o[0] for k, o in out.items()}
 
 
 def _train_argv(work: Path, name: str) -> list[str]:
@@ -136,41 +173,40 @@ def _train_argv(work: Path, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(work) -> dict[str, Path]:
     """Train the same run under torchrun on 1 node x 2 processes and on 2 nodes x 1 process."""
-    run = [sys.executable, "-m", "torch.distributed.run"]
-    port = _free_port()
-    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "static"]
-    node += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
     cmds = {
-        "one-node": [*run, "--standalone", "--nproc-per-node", "2", *_train_argv(work, "a")],
-        "node-0": [*run, *node, "--node-rank", "0", *_train_argv(work, "b")],
-        "node-1": [*run, *node, "--node-rank", "1", *_train_argv(work, "b")],
+        "one-node": ["--standalone", "--nproc-per-node", "2", *_train_argv(work, "a")],
+        "node-0": [*_two_nodes(0), *_train_argv(work, "b")],
+        "node-1": [*_two_nodes(1), *_train_argv(work, "b")],
     }
-    procs = {
-        k: subprocess.Popen(
-            c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work
-        )
-        for k, c in cmds.items()
-    }
-    out = {}
-    try:
-        for k, p in procs.items():
-            out[k] = p.communicate(timeout=TIMEOUT)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for k, p in procs.items():
-        assert p.returncode == 0, f"{k}:\n{out[k][1][-3000:]}"
+    _torchrun(cmds, cwd=work)
     return {"one-node": work / "runs" / "a", "two-nodes": work / "runs" / "b"}
 
 
-def test_extracted_latents(work):
-    from dispersive.train.latents import LatentDataset
+def test_two_nodes_extract_the_latents_of_one_process(work):
+    from dispersive.train.data import load_image
+    from dispersive.train.latents import LatentDataset, load_vae
 
     ds = LatentDataset(work / "latents")
     assert ds.meta["classes"] == list(CLASSES) and len(ds) == sum(CLASSES.values())
-    assert ds.image_shape == (4, SIZE // 2, SIZE // 2)
+    assert ds.image_shape == (4, SIZE // 2, SIZE // 2) and ds.meta["complete"]
+    # Each node wrote its own shards (rank 0: 1 and 3 of 3, rank 1: 2), and only rank 0 reports.
+    log0, log1 = ((work / f"extract-node-{r}.log").read_text() for r in (0, 1))
+    assert "shard 1/3" in log0 and "shard 3/3" in log0 and "shard 2/3" not in log0
+    assert "shard 2/3 (4 images)" in log1 and "[rank 1]" in log1
+    assert "3 shard(s) written by 2 ranks" in log0 and "written by" not in log1
+    # Oracle: every image encoded on its own by the same VAE (posterior mean and std).
+    shards = sorted((work / "latents").glob("shard-*"))
+    assert [d.name for d in shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    index = np.concatenate([np.load(d / "index.npy") for d in shards])
+    mean = np.concatenate([np.load(d / "mean.npy") for d in shards])
+    std = np.concatenate([np.load(d / "std.npy") for d in shards])
+    assert index.tolist() == list(range(len(ds)))
+    files = sorted((work / "train").glob("*/*"))
+    x = torch.stack([torch.from_numpy(load_image(f, SIZE)).float() / 127.5 - 1 for f in files])
+    with torch.no_grad():
+        post = load_vae(str(work / "vae")).encode(x).latent_dist
+    np.testing.assert_allclose(mean, post.mean.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std, post.std.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_two_nodes_train_exactly_like_one_node(runs):

@@ -2,7 +2,9 @@
 
 Writes sharded VAE posteriors (mean and std, unscaled) and ``OUT_DIR/meta.json`` (VAE path/ID,
 scale, shapes, classes). Resumable: rerun the same command after an interruption and finished
-shards are skipped. Train on the result with ``data.name = "latents"``, ``data.path = OUT_DIR``,
+shards are skipped. Under torchrun (``torchrun --nproc_per_node=8 -m dispersive extract-latents
+...``, one or several nodes) the ranks share the shards, each on its own device; OUT_DIR must be a
+folder every rank sees. Train on the result with ``data.name = "latents"``, ``data.path = OUT_DIR``,
 ``model.input_size = image_size / 8`` and ``model.in_channels = 4`` (SD VAE).
 """
 
@@ -30,34 +32,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hflip", action="store_true", help="also store latents of flipped images")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=3 * 3600.0,
+        metavar="S",
+        help="under torchrun: how long a rank that is done waits for the others (default 3 h)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from dispersive.errors import UserError
+    from dispersive.train.distributed import cleanup_distributed, init_distributed
     from dispersive.train.latents import extract_latents
 
     for name in ("image_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = extract_latents(
-        args.image_dir,
-        args.out_dir,
-        vae=args.vae,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        hflip=args.hflip,
-        scale=args.scale,
-        device=device,
-        num_workers=args.workers,
-    )
-    print(
-        f"latents: {len(result['written'])} shard(s) written, {len(result['skipped'])} already "
-        f"done, {result['num_shards']} total -> {args.out_dir}"
-    )
+    # Under torchrun each rank encodes its share of the shards on cuda:LOCAL_RANK ("auto"),
+    # whatever node it is on; an explicit cuda:N is taken as given.
+    explicit = args.device if args.device.startswith("cuda:") else None
+    info = init_distributed(device="cuda" if explicit else args.device, timeout_s=args.dist_timeout)
+    try:
+        result = extract_latents(
+            args.image_dir,
+            args.out_dir,
+            vae=args.vae,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            hflip=args.hflip,
+            scale=args.scale,
+            device=explicit or str(info.device),
+            num_workers=args.workers,
+        )
+    finally:
+        cleanup_distributed(info)
+    if info.is_main:
+        written = result.get("written_all", result["written"])
+        ranks = f" by {info.world_size} ranks" if info.distributed else ""
+        print(
+            f"latents: {len(written)} shard(s) written{ranks}, {len(result['skipped'])} already "
+            f"done, {result['num_shards']} total -> {args.out_dir}"
+        )
     return 0

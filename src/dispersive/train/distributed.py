@@ -32,6 +32,7 @@ __all__ = [
     "cleanup_distributed",
     "all_reduce_mean",
     "barrier",
+    "group_rank_world",
 ]
 
 
@@ -150,6 +151,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+def group_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group; ``(0, 1)`` without one."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def barrier() -> None:

@@ -17,6 +17,12 @@ roughly unit-variance latents. To decode samples: ``vae.decode(z / scale)``
 Shards are written into ``shard-XXXXX.tmp/`` and renamed when every file is on disk (fsync),
 so an interrupted extraction leaves no half-written shard; a rerun deletes stale ``.tmp``
 folders and skips finished shards. Every ``.npy`` is read with ``allow_pickle=False``.
+
+Under torchrun (``torchrun --nproc_per_node=8 -m dispersive extract-latents ...``, also over
+several nodes) the shards still to do are dealt round-robin to the ranks: rank 0 alone removes
+stale temporaries and writes meta.json (before any shard, and once every rank is done), each
+rank writes only its own shards. OUT_DIR must be one folder that every rank sees (the same
+machine, or a filesystem shared by the nodes).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from dispersive.train.data import (  # the reading side of a latent folder is a 
     latent_shard_name,
     read_meta,
 )
+from dispersive.train.distributed import barrier, group_rank_world
 
 __all__ = [
     "SD_VAE_SCALE",
@@ -135,6 +142,9 @@ def extract_latents(
 ) -> dict:
     """Encode a class-subfolder image folder with a VAE into resumable shards.
 
+    Runs as one process, or on every rank of an initialised ``torch.distributed`` group, which
+    then shares the work (see the module docstring); every rank must call it.
+
     Args:
         image_dir: ``IMAGE_DIR/<class>/<image>``; images are ADM-centre-cropped to image_size.
         out_dir: output folder (created); rerunning continues an interrupted extraction.
@@ -144,17 +154,21 @@ def extract_latents(
         shard_size: images per shard.
         hflip: also store the latents of horizontally flipped images (for data.hflip).
         scale: latent scale recorded in meta.json (applied by the dataset, not stored).
-        device: torch device for the VAE.
+        device: torch device for the VAE (this rank's device under torchrun).
         num_workers: DataLoader workers decoding images.
-        max_shards: stop after writing this many new shards (for tests and partial runs).
+        max_shards: stop after writing this many new shards per rank (for tests and partial
+            runs).
         progress: print one line per shard.
 
     Returns:
-        ``{"written": [...], "skipped": [...], "num_shards": K, "complete": bool}``.
+        ``{"written": [...], "skipped": [...], "num_shards": K, "complete": bool}``: the shards
+        this process wrote, those that were already done, the total, and whether all exist.
+        With several ranks also ``"written_all"``: the shards every rank wrote.
 
     Raises:
         UserError: missing images or VAE, or an OUT_DIR holding a different extraction.
     """
+    rank, world = group_rank_world()
     out = Path(out_dir)
     ds = ImageFolderDataset(image_dir, size=image_size)
     # The file list identifies the extraction: a rerun on changed images must not mix shards.
@@ -190,15 +204,19 @@ def extract_latents(
                 "differ); use a new OUT_DIR or delete that one"
             )
         plan["latent_shape"] = old.get("latent_shape")
-    for stale in out.glob("shard-*.tmp"):  # left by an interrupted run
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-
+    # Every rank computes the same list: no shard is renamed into place before the barrier.
     todo = [k for k in range(num_shards) if not (out / latent_shard_name(k)).is_dir()]
     skipped = [k for k in range(num_shards) if k not in set(todo)]
     if todo:
-        model = load_vae(vae, device=device)
+        model = load_vae(vae, device=device)  # before the plan is recorded: a bad VAE leaves none
+    if rank == 0:
+        for stale in out.glob("shard-*.tmp"):  # left by an interrupted run
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if todo:  # record the plan before the first shard lands
+            _write_json_atomic(meta_path, {**plan, "complete": False})
+    barrier()  # the stale temporaries are gone before any rank writes its shards
     written: list[int] = []
-    for k in todo:
+    for k in todo[rank::world]:
         if max_shards is not None and len(written) >= max_shards:
             break
         idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
@@ -219,18 +237,26 @@ def extract_latents(
         arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         arrays["labels"] = ds.labels[idx].numpy().astype(np.int64)
         arrays["index"] = np.asarray(idx, dtype=np.int64)
-        if plan.get("latent_shape") is None:
-            plan["latent_shape"] = list(arrays["mean"].shape[1:])
-        if not written:  # record the plan before the first shard lands
-            _write_json_atomic(meta_path, {**plan, "complete": False})
         _save_shard(out, k, arrays)
         written.append(k)
         if progress:
-            print(f"latents: shard {k + 1}/{num_shards} ({len(idx)} images) -> {out}", flush=True)
-    complete = all((out / latent_shard_name(k)).is_dir() for k in range(num_shards))
-    if plan.get("latent_shape") is not None:
+            by = f" [rank {rank}]" if world > 1 else ""
+            msg = f"latents: shard {k + 1}/{num_shards} ({len(idx)} images) -> {out}{by}"
+            print(msg, flush=True)
+    barrier()  # every rank's shards are in place
+    done = [k for k in range(num_shards) if (out / latent_shard_name(k)).is_dir()]
+    complete = len(done) == num_shards
+    if plan.get("latent_shape") is None and done:
+        # The shape as written (by whichever rank): read from the first shard's .npy header.
+        first_mean = out / latent_shard_name(done[0]) / "mean.npy"
+        first = np.load(first_mean, mmap_mode="r", allow_pickle=False)
+        plan["latent_shape"] = list(first.shape[1:])
+    if rank == 0 and plan.get("latent_shape") is not None:
         _write_json_atomic(meta_path, {**plan, "complete": complete})
-    return {"written": written, "skipped": skipped, "num_shards": num_shards, "complete": complete}
+    result = {"written": written, "skipped": skipped, "num_shards": num_shards}
+    if world > 1:
+        result["written_all"] = [k for k in todo if k in set(done)]
+    return {**result, "complete": complete}
 
 
 def load_vae_from_meta(latent_dir: str | Path, *, device: str | torch.device = "cpu") -> Any:
