@@ -309,9 +309,15 @@ def meanflow_loss(
       wrapper). Saves the extra forward but the backward also walks the jvp graph, and it cannot
       be used with a DDP-wrapped module (gradients would bypass DDP's all-reduce).
 
-    Measured on CPU (MF-XS/4, 16x16x1, batch 16, forward+backward, best of 9 on a busy machine):
-    plain forward/backward ~60 ms, ``fused=False`` ~170 ms, ``fused=True`` ~300 ms. The
-    unfused default is not slower there: its jvp keeps no graph. Re-measure on GPU.
+    Both give the same loss, aux and gradients (float64 test). Time per training step (loss +
+    dispersive term on the aux + backward), one CPU thread, fused and unfused interleaved per
+    round, on a heavily loaded 2-core machine (load ~15): MF-XS/4 16x16x1 batch 16: 322 vs
+    300 ms (medians of 25, fused/unfused per round 0.99, range 0.59-1.30); MF-T/4 32x32x4
+    batch 16: 3247 vs 3010 ms (25 rounds, ratio 0.96, 0.75-1.19); with kappa = 0.5 guidance:
+    3163 vs 3101 ms (15 rounds, ratio 0.95). The fused path saves the extra forward but builds
+    a graph over the jvp's tangent computation as well (more activation memory), so it wins by
+    a few percent at most here, within the noise. The default stays unfused because it works
+    with DDP (the multi-GPU runs of the ImageNet presets). Re-measure time and memory on GPU.
 
     Args:
         model_fn: ``model_fn(z, t, h, y) -> u`` (B, ...). May be DDP-wrapped (fused=False).
