@@ -226,6 +226,27 @@ def test_sample_writes_npz_grid_and_spec(tiny_ckpt, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_sample_dopri5_options_and_the_nfe_of_every_chunk(tiny_ckpt, tmp_path, capsys):
+    pytest.importorskip("torchdiffeq")
+    out = tmp_path / "d"
+    common = ["sample", "--ckpt", str(tiny_ckpt), "--num", "6", "--batch-size", "4"]
+    rc = main([*common, "--sampler", "dopri5", "--option", "rtol=1e-2", "--outdir", str(out)])
+    assert rc == 0
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["method"] == "dopri5" and spec["steps"] is None
+    assert spec["options"] == {"atol": 1e-6, "rtol": 1e-2}
+    # Two chunks (4 + 2 samples), each with its own counted NFE; 2 + 6 per attempted step.
+    per_batch = spec["nfe_per_batch"]
+    assert len(per_batch) == 2 and all((n - 2) % 6 == 0 and n >= 8 for n in per_batch)
+    assert spec["nfe"] == pytest.approx(sum(per_batch) / 2)
+    assert not (out / "shards").exists()
+    capsys.readouterr()
+    for bad, msg in (("rtol", "must be KEY=VALUE"), ("eta=0.5", "valid options: ['atol', 'rtol']")):
+        rc = main([*common, "--sampler", "dopri5", "--option", bad, "--outdir", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and msg in err[0], err
+
+
 def test_diagnose_table_plot_json(tiny_ckpt, tmp_path, capsys):
     for source in ("data", "samples"):
         out = tmp_path / source

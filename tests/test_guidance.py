@@ -207,3 +207,18 @@ def test_imagenet_presets_guide_three_latent_channels_as_the_official_code():
     assert load_config(configs / "tiny.toml").sample.cfg_channels == 0  # default: all
     with pytest.raises(UserError, match="sample.cfg_channels = 5 exceeds model.in_channels = 4"):
         load_config(configs / "imagenet256-sit-b2.toml", ["sample.cfg_channels=5"])
+
+
+def test_sample_options_are_checked_against_the_sampler():
+    from pathlib import Path
+
+    from dispersive.errors import UserError
+    from dispersive.train.config import load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    cfg = load_config(tiny, ['sample.sampler="dopri5"', "sample.options={rtol=1e-4}"])
+    assert cfg.sample.options == {"rtol": 1e-4}
+    cfg = load_config(tiny, ["sample.options.final_euler=false"])  # tiny samples with heun
+    assert cfg.sample.options == {"final_euler": False}
+    with pytest.raises(UserError, match=r"sample.options \['rtol'\] are not options of"):
+        load_config(tiny, ["sample.options.rtol=1e-4"])

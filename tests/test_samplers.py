@@ -21,6 +21,7 @@ from dispersive.samplers import (
     SAMPLERS,
     ddim_sample,
     ddpm_sample,
+    dopri5,
     euler,
     euler_maruyama,
     heun,
@@ -403,7 +404,7 @@ def test_ddpm_rejects_a_mismatched_model_output():
 # ------------------------------------------------------------------------------ NFE
 
 
-@pytest.mark.parametrize("method", sorted(SAMPLERS))
+@pytest.mark.parametrize("method", sorted(set(SAMPLERS) - {"dopri5"}))  # dopri5: adaptive
 @pytest.mark.parametrize("steps", [2, 5])
 def test_nfe_equals_the_counted_calls(method, steps):
     g = Gaussian(get_path("linear"))
@@ -424,6 +425,23 @@ def test_nfe_equals_the_counted_calls(method, steps):
     assert fn.calls == nfe(method, steps)
 
 
+def test_sit_heun2_is_full_heun_on_one_interval_fewer():
+    # SiT's --sampling-method heun2 --num-sampling-steps N: torchdiffeq's fixed-grid heun2 on
+    # N grid points, i.e. heun(steps=N - 1, final_euler=False) here, 2 (N - 1) model calls.
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    g = Gaussian(get_path("linear"))
+    x = _start_points()
+    for n_points in (2, 7, 250):
+        sit = Counter(lambda t, y: g.velocity(y, t.expand(y.shape[0])))
+        grid = torch.linspace(1.0, 0.0, n_points, dtype=F64)
+        ref = torchdiffeq.odeint(sit, x, grid, method="heun2")[-1]
+        fn = Counter(g.velocity)
+        out = heun(fn, x, steps=n_points - 1, final_euler=False)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        assert fn.calls == sit.calls == 2 * (n_points - 1)
+    assert nfe("heun", 249, final_euler=False) == 498
+
+
 def test_nfe_of_the_paper_heun_setting():
     assert nfe("heun", 250) == 499
     assert nfe("heun", 250, final_euler=False) == 500
@@ -432,9 +450,34 @@ def test_nfe_of_the_paper_heun_setting():
     assert fn.calls == nfe("heun", 7, final_euler=False)
 
 
+@pytest.mark.parametrize("path_name", ["linear", "gvp"])
+def test_dopri5_meets_its_tolerance_on_the_exact_flow(path_name):
+    # Gaussian data: the exact flow map is known, so the global error is measured directly.
+    pytest.importorskip("torchdiffeq")
+    g = Gaussian(get_path(path_name))
+    x1 = torch.randn(200, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    exact = g.flow(x1, 1.0, 0.0)
+    errors, calls = [], []
+    for rtol in (1e-3, 1e-5, 1e-7, 1e-9):
+        fn = Counter(g.velocity)
+        out = dopri5(fn, x1, rtol=rtol, atol=rtol * 1e-3)
+        assert out.dtype == F64 and out.shape == x1.shape
+        errors.append(float((out - exact).abs().max()))
+        calls.append(fn.calls)
+        assert errors[-1] < 20 * rtol, (rtol, errors[-1])
+        # Dormand-Prince with FSAL: 2 calls choose the first step, then 6 per attempted step.
+        assert (fn.calls - 2) % 6 == 0, fn.calls
+        assert all(t.shape == (200,) and t.dtype == F64 for t in fn.times)
+        assert float(fn.times[0][0]) == 1.0
+    assert errors == sorted(errors, reverse=True) and calls == sorted(calls)
+    assert errors[-1] < 1e-8
+
+
 def test_bad_steps_and_methods_are_named():
     with pytest.raises(ValueError, match="unknown sampler 'hune'"):
         nfe("hune", 3)
+    with pytest.raises(ValueError, match="dopri5 is adaptive"):
+        nfe("dopri5", 3)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         euler(lambda x, t: x, torch.zeros(1, 1), steps=0)
     with pytest.raises(ValueError, match="shaped like x"):
@@ -595,6 +638,26 @@ def test_generate_rejects_mismatches(tiny_models):
         generate(tiny_models["flow"], num=2, labels=[0, 7], steps=1)
     with pytest.raises(ValueError, match=r"valid options: \['clip_x0', 'eta'\]"):
         generate(tiny_models["ddpm"], num=1, sampler="ddim", options={"last_step": 0.0})
+
+
+def test_generate_dopri5_counts_and_records_the_nfe_actually_used():
+    pytest.importorskip("torchdiffeq")
+    model = GaussianFlowModel()
+    imgs, spec = generate(
+        model, num=300, sampler="dopri5", steps=25, batch_size=128, space="latent",
+        options={"rtol": 1e-5, "atol": 1e-8}, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    per_batch = spec["nfe_per_batch"]
+    assert len(per_batch) == 3 and sum(per_batch) == len(model.seen_t)
+    assert spec["nfe"] == pytest.approx(sum(per_batch) / 3, abs=0.01)
+    assert spec["steps"] is None and spec["options"] == {"atol": 1e-8, "rtol": 1e-5}
+    _check_moments(imgs.reshape(-1, 1).double(), torch.tensor([0.2], dtype=F64),
+                   torch.tensor([0.25], dtype=F64))  # fmt: skip
+    # SiT's defaults: atol 1e-6, rtol 1e-3; fewer calls at the looser tolerance.
+    _, loose = generate(GaussianFlowModel(), num=128, sampler="dopri5")
+    assert loose["options"] == {"atol": 1e-6, "rtol": 1e-3}
+    assert loose["nfe"] == loose["nfe_per_batch"][0] < per_batch[0]
+    json.dumps(spec)
 
 
 def test_generate_passes_sampler_options_and_records_them():

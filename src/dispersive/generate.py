@@ -18,6 +18,7 @@ from dispersive.paths import get_path
 from dispersive.samplers import (
     ddim_sample,
     ddpm_sample,
+    dopri5,
     euler,
     euler_maruyama,
     heun,
@@ -33,7 +34,7 @@ SPACES = ("pixel", "latent")
 
 # Which samplers fit which kind of model (``model.kind``).
 KIND_SAMPLERS: dict[str, tuple[str, ...]] = {
-    "flow": ("euler", "heun", "euler_maruyama"),
+    "flow": ("euler", "heun", "dopri5", "euler_maruyama"),
     "ddpm": ("ddpm", "ddim"),
     "meanflow": ("meanflow",),
 }
@@ -42,6 +43,7 @@ KIND_SAMPLERS: dict[str, tuple[str, ...]] = {
 SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
     "euler": {},
     "heun": {"final_euler": True},
+    "dopri5": {"atol": 1e-6, "rtol": 1e-3},  # SiT's defaults
     "euler_maruyama": {"diffusion": "sigma", "diffusion_scale": 1.0, "last_step": 0.04},
     "ddpm": {"clip_x0": False, "fixed_var": "large"},
     "ddim": {"eta": 0.0, "clip_x0": False},
@@ -76,6 +78,16 @@ def _labels(labels: Tensor | Sequence[int] | None, num: int, num_classes: int) -
             f"got values in [{int(y.min())}, {int(y.max())}]"
         )
     return y
+
+
+def _counting(fn: Callable[..., Tensor], calls: list[int]) -> Callable[..., Tensor]:
+    """``fn`` that adds each of its calls to ``calls[-1]`` (the current batch's NFE)."""
+
+    def counted(*args: Any) -> Tensor:
+        calls[-1] += 1
+        return fn(*args)
+
+    return counted
 
 
 def generate(
@@ -120,7 +132,8 @@ def generate(
             ``num_classes``, ``in_channels``, ``input_size``, ``config``).
         num: number of images.
         sampler: one of :data:`KIND_SAMPLERS` [model.kind].
-        steps: sampler steps (see :func:`dispersive.samplers.nfe` for model evaluations).
+        steps: sampler steps (see :func:`dispersive.samplers.nfe` for model evaluations);
+            ignored by the adaptive "dopri5" (recorded as None), whose calls are counted.
         cfg_scale: classifier-free guidance scale (1 = none; needs a class-conditional model).
         cfg_interval: (lo, hi) range of t where guidance applies.
         cfg_channels: number of leading sample channels to guide, 1..in_channels; None = all.
@@ -142,7 +155,9 @@ def generate(
     Returns:
         (images, spec): images (num, C, H, W) float32 on the CPU: pixels clamped to [-1, 1], or
         unclamped latents (``space="latent"`` without ``decode``); spec a JSON-able dict
-        {"method", "steps", "nfe", "options" (every sampler option, resolved), "cfg_scale",
+        {"method", "steps", "nfe" (model calls per batch; for "dopri5" the counted calls,
+        averaged over batches, with "nfe_per_batch"), "options" (every sampler option,
+        resolved), "cfg_scale",
         "cfg_interval", "cfg_channels" (resolved: the number of guided channels), "model",
         "kind", "num", "space", "decoded" (bool), "clamp" ("pixels" or "none": what was
         clamped to [-1, 1]), "path" (flow), "schedule_steps" (ddpm), "seed" (when a generator
@@ -189,9 +204,12 @@ def generate(
             f"{sorted(SAMPLER_OPTIONS[sampler])}"
         )
     opts = {**SAMPLER_OPTIONS[sampler], **(options or {})}
-    n_evals = nfe(
-        sampler, steps, **({"final_euler": opts["final_euler"]} if sampler == "heun" else {})
-    )
+    if sampler == "dopri5":
+        n_evals, steps = None, None  # adaptive: counted below
+    else:
+        n_evals = nfe(
+            sampler, steps, **({"final_euler": opts["final_euler"]} if sampler == "heun" else {})
+        )
 
     param = next(model.parameters(), None)
     if device is None:
@@ -214,7 +232,7 @@ def generate(
     # Leading channels only: the rest (DiT's learned variance included) is the conditional half.
     channels = cfg_channels
 
-    images = []
+    images, calls = [], []
     was_training = model.training
     model.eval()
     try:
@@ -239,9 +257,13 @@ def generate(
                         interval=interval,
                         channels=channels,
                     )
+                calls.append(0)
+                fn = _counting(fn, calls)
                 if sampler in ("euler", "heun", "meanflow"):
                     run = {"euler": euler, "heun": heun, "meanflow": meanflow_sample}[sampler]
                     x = run(fn, noise, steps=steps, **opts)
+                elif sampler == "dopri5":
+                    x = dopri5(fn, noise, **opts)
                 elif sampler == "euler_maruyama":
                     x = euler_maruyama(
                         fn, noise, steps=steps, path=flow_path, generator=generator, **opts
@@ -266,6 +288,9 @@ def generate(
     finally:
         model.train(was_training)
 
+    if n_evals is None:  # the NFE actually used; the steps adapt to each batch
+        mean = sum(calls) / len(calls)
+        n_evals = int(mean) if mean == int(mean) else round(mean, 2)
     spec: dict[str, Any] = {
         "method": sampler,
         "steps": steps,
@@ -281,6 +306,8 @@ def generate(
         "decoded": decode is not None,
         "clamp": "pixels" if space == "pixel" or decode is not None else "none",
     }
+    if sampler == "dopri5":
+        spec["nfe_per_batch"] = calls
     if kind == "flow":
         spec["path"] = path
     if kind == "ddpm":

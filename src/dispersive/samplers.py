@@ -15,6 +15,7 @@ name           what                                          NFE
 ============== ============================================= ================================
 euler          ODE, explicit Euler on a linear t grid        steps
 heun           ODE, Heun (2nd order), Euler on the last step 2 steps - 1 (2 steps if full)
+dopri5         ODE, adaptive Dormand-Prince 5(4) (torchdiffeq) adaptive: counted, see below
 euler_maruyama SDE, Euler-Maruyama + one final mean step     steps (SiT's ``num_steps``)
 ddpm           DDPM ancestral sampling (DiT), respaced       steps
 ddim           DDIM (eta = 0: deterministic), respaced       steps
@@ -22,7 +23,11 @@ meanflow       MeanFlow average velocity, one or few steps   steps
 ============== ============================================= ================================
 
 The paper samples with "ODE Heun, 250 steps": with the Euler last step that is 499 model
-evaluations, not 250 (and 500 with ``final_euler=False``).
+evaluations, not 250 (and 500 with ``final_euler=False``). SiT's ``--sampling-method heun2
+--num-sampling-steps 250`` puts 250 points on its t grid, i.e. 249 intervals, each a full Heun
+step (evaluated at t = 0 too): 498 evaluations, which is ``heun`` with ``steps=249,
+final_euler=False`` here. SiT's default ODE, adaptive dopri5 (atol 1e-6, rtol 1e-3), is
+:func:`dopri5`; its NFE depends on the model and the batch and is counted, not predicted.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "ddpm_sample",
     "euler",
     "euler_maruyama",
+    "dopri5",
     "heun",
     "meanflow_sample",
     "nfe",
@@ -157,6 +163,55 @@ def heun(
             d_next = _call(fn, x_pred, _full_t(t_next, x))
             x = x + h * 0.5 * (d_cur + d_next)
     return x
+
+
+def dopri5(
+    fn: VelocityFn,
+    x: Tensor,
+    *,
+    atol: float = 1e-6,
+    rtol: float = 1e-3,
+    t_start: float = 1.0,
+    t_end: float = 0.0,
+) -> Tensor:
+    """Adaptive Dormand-Prince 5(4) ODE solver (torchdiffeq's ``dopri5``), SiT's default ODE.
+
+    Integrates dx/dt = fn(x, t) from ``t_start`` to ``t_end`` with steps chosen so that the
+    local error estimate stays within ``atol + rtol * |x|`` (RMS over every element of the
+    batch, so the steps, and the samples, depend on the batch as in SiT). SiT integrates its
+    time t_sit = 1 - t forward with v_sit = -v: the same ODE, the same steps. The defaults are
+    SiT's (``--atol 1e-6 --rtol 1e-3``). The number of model evaluations is adaptive: count the
+    calls of ``fn`` (:func:`dispersive.generate.generate` does and reports it).
+
+    Needs the optional dependency torchdiffeq (``pip install 'dispersive[ode]'``).
+
+    Args:
+        fn: velocity function ``fn(x (B, ...), t (B,)) -> (B, ...)``.
+        x: the state at ``t_start``, (B, ...).
+        atol: absolute error tolerance, > 0.
+        rtol: relative error tolerance, > 0.
+        t_start: where the integration starts (1 = noise).
+        t_end: where it stops (0 = data).
+
+    Returns:
+        The state at ``t_end``, (B, ...), same dtype as x.
+    """
+    try:
+        from torchdiffeq import odeint
+    except ImportError as e:
+        raise ImportError(
+            "the dopri5 sampler needs torchdiffeq; install it with "
+            "pip install 'dispersive[ode]' (or pip install torchdiffeq)"
+        ) from e
+    if not (atol > 0 and rtol > 0):
+        raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
+
+    def rhs(t: Tensor, state: Tensor) -> Tensor:
+        # torchdiffeq passes a scalar t; the model wants a (B,) vector in x's dtype.
+        return _call(fn, state, t.to(state.dtype).expand(state.shape[0]))
+
+    times = torch.tensor([float(t_start), float(t_end)], dtype=x.dtype, device=x.device)
+    return odeint(rhs, x, times, method="dopri5", atol=atol, rtol=rtol)[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +473,7 @@ def meanflow_sample(
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": euler,
     "heun": heun,
+    "dopri5": dopri5,
     "euler_maruyama": euler_maruyama,
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
@@ -428,7 +484,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 def nfe(method: str, steps: int, *, final_euler: bool = True) -> int:
     """The exact number of model-function calls a sampler makes.
 
-    With classifier-free guidance each call is one forward on a doubled batch.
+    With classifier-free guidance each call is one forward on a doubled batch. The adaptive
+    ``dopri5`` has no NFE known in advance (count the calls): asking for it is an error.
 
     Args:
         method: a name in :data:`SAMPLERS`.
@@ -440,6 +497,8 @@ def nfe(method: str, steps: int, *, final_euler: bool = True) -> int:
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; valid samplers: {sorted(SAMPLERS)}")
+    if method == "dopri5":
+        raise ValueError("dopri5 is adaptive: its NFE is counted during sampling, not predicted")
     _check_steps(steps)
     if method == "heun":
         return 2 * steps - 1 if final_euler else 2 * steps

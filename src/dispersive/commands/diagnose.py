@@ -60,6 +60,7 @@ def _sample_batch(model, config: dict, num: int, seed: int):
         cfg_scale=float(sc.get("cfg_scale", 1.0)),
         cfg_interval=tuple(sc.get("cfg_interval", (0.0, 1.0))),
         cfg_channels=int(sc.get("cfg_channels", 0)) or None,
+        options=dict(sc.get("options", {})),
         labels=y,
         path=config.get("objective", {}).get("path", "linear"),
         generator=torch.Generator().manual_seed(seed),

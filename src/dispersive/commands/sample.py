@@ -65,6 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="guide the first N sample channels only, the rest conditional; 0 = all (default: "
         "sample.cfg_channels; official DiT / SiT guide 3 of 4 latent channels)",
     )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampler option as a TOML literal, repeatable: --option rtol=1e-4 (dopri5), "
+        "--option final_euler=false (heun), --option last_step=0.0 (euler_maruyama); default: "
+        "sample.options when --sampler is the run's sample.sampler",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: the run's sample.seed")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--grid", type=int, default=64, help="samples shown in grid.png (0 = none)")
@@ -135,13 +144,34 @@ def _decoder(config: dict, device, vae_id: str | None = None):
     return (lambda z: decode_latents(vae, z, scale=scale)), meta.get("vae")
 
 
+def _options(items: list[str]) -> dict:
+    """``["rtol=1e-4", "final_euler=false"]`` -> ``{"rtol": 0.0001, "final_euler": False}``."""
+    import tomllib
+
+    from dispersive.errors import UserError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except (ValueError, tomllib.TOMLDecodeError):
+            raise UserError(
+                f"--option {item!r} must be KEY=VALUE with a TOML value, e.g. --option rtol=1e-4 "
+                "or --option final_euler=false"
+            ) from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from dispersive.errors import UserError
     from dispersive.eval.io import save_grid, save_npz, to_uint8
-    from dispersive.generate import generate
+    from dispersive.generate import SAMPLER_OPTIONS, generate
     from dispersive.train.checkpoint import load_model, resolve_checkpoint
     from dispersive.train.distributed import barrier, cleanup_distributed, init_distributed
 
@@ -155,6 +185,15 @@ def run(args: argparse.Namespace) -> int:
             )
         sc = config.get("sample", {})
         sampler = args.sampler or sc.get("sampler", "heun")
+        # The run's options belong to the run's sampler; another --sampler starts from defaults.
+        options = dict(sc.get("options", {})) if sampler == sc.get("sampler", "heun") else {}
+        options.update(_options(args.option))
+        valid = SAMPLER_OPTIONS.get(sampler, {})
+        if set(options) - set(valid):
+            raise UserError(
+                f"unknown option(s) {sorted(set(options) - set(valid))} for sampler {sampler!r}; "
+                f"valid options: {sorted(valid) or 'none'}"
+            )
         steps = args.steps if args.steps is not None else int(sc.get("steps", 25))
         cfg_scale = args.cfg_scale if args.cfg_scale is not None else float(sc.get("cfg_scale", 1))
         cfg_interval = tuple(args.cfg_interval or sc.get("cfg_interval", (0.0, 1.0)))
@@ -196,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
                 cfg_scale=cfg_scale,
                 cfg_interval=cfg_interval,
                 cfg_channels=cfg_channels or None,
+                options=options,
                 labels=labels,
                 path=path,
                 generator=gen,
@@ -206,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
             )
             lab = labels.cpu().numpy() if labels is not None else None
             save_npz(shard_dir / f"chunk-{c:06d}.npz", to_uint8(images), lab)
+            if "nfe_per_batch" in spec:  # adaptive: the main rank sums every chunk's NFE
+                (shard_dir / f"chunk-{c:06d}.nfe.json").write_text(
+                    json.dumps(spec["nfe_per_batch"])
+                )
             if info.is_main:
                 print(f"chunk {c + 1}/{len(chunks)}  ({time.time() - t0:.0f}s)", flush=True)
         barrier()
@@ -217,6 +261,15 @@ def run(args: argparse.Namespace) -> int:
                     arrs.append(z["arr_0"])
                     if "arr_1" in z.files:
                         labs.append(z["arr_1"])
+            if "nfe_per_batch" in spec:
+                per_batch = []
+                for c in chunks:
+                    nfe_file = shard_dir / f"chunk-{c:06d}.nfe.json"
+                    per_batch += json.loads(nfe_file.read_text())
+                    nfe_file.unlink()
+                mean = sum(per_batch) / len(per_batch)
+                nfe = int(mean) if mean == int(mean) else round(mean, 2)
+                spec = {**spec, "nfe": nfe, "nfe_per_batch": per_batch}
             images_u8 = np.concatenate(arrs)
             labels_all = np.concatenate(labs) if labs else None
             npz = save_npz(outdir / "samples.npz", images_u8, labels_all)

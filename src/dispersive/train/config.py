@@ -36,7 +36,7 @@ from typing import Any
 
 from dispersive.errors import UserError
 from dispersive.eval.features import FEATURES
-from dispersive.generate import KIND_SAMPLERS
+from dispersive.generate import KIND_SAMPLERS, SAMPLER_OPTIONS
 from dispersive.losses import SCOPES, VARIANTS
 from dispersive.models.official import WEIGHTS
 from dispersive.objectives import TWO_VIEW_MODES
@@ -173,6 +173,9 @@ class SampleConfig:
     # Guide the first N sample channels, the rest conditional; 0 = all. Official DiT / SiT guide
     # 3 of the 4 latent channels (forward_with_cfg), as their published FIDs: the ImageNet presets.
     cfg_channels: int = 0
+    # Options of sample.sampler (generate.SAMPLER_OPTIONS), e.g. {atol = 1e-6, rtol = 1e-3}
+    # for dopri5, {final_euler = false} for heun; unset ones take their defaults.
+    options: dict = field(default_factory=dict)
     seed: int = 0
 
 
@@ -711,6 +714,13 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
         raise UserError(
             f"sample.cfg_channels = {cfg.sample.cfg_channels} exceeds model.in_channels = "
             f"{m.in_channels}; use 1..{m.in_channels}, or 0 to guide every channel"
+        )
+    valid = sorted(SAMPLER_OPTIONS[cfg.sample.sampler])
+    unknown = sorted(set(cfg.sample.options) - set(valid))
+    if unknown:
+        raise UserError(
+            f"sample.options {unknown} are not options of sample.sampler = "
+            f"'{cfg.sample.sampler}'; valid: {valid or 'none'}"
         )
     if cfg.sample.sampler not in KIND_SAMPLERS[obj.kind]:
         raise UserError(

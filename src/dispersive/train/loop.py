@@ -419,6 +419,7 @@ def _proxy_fid(cfg: Config, ema_model: torch.nn.Module, step: int, device: torch
         cfg_scale=s.cfg_scale,
         cfg_interval=tuple(s.cfg_interval),
         cfg_channels=s.cfg_channels or None,
+        options=dict(s.options),
         labels=labels,
         path=cfg.objective.path,
         generator=torch.Generator(device=device).manual_seed(s.seed),
