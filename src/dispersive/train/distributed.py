@@ -18,6 +18,7 @@ import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "group_rank_world",
+    "check_same_on_all_ranks",
 ]
 
 
@@ -158,6 +160,26 @@ def group_rank_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def check_same_on_all_ranks(value: Any, what: str, fix: str) -> None:
+    """Raise the same UserError on every rank if ``value`` differs between ranks.
+
+    For facts every rank reads from its own filesystem (e.g. the step a run resumes from): on
+    several nodes without a shared RUN_DIR they silently differ. A no-op in a single process.
+
+    Args:
+        value: a small picklable value (all-gathered).
+        what: what the value is, for the message ("the step resumed from").
+        fix: how to make the ranks agree.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        seen = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise UserError(f"{what} differs between ranks ({seen}); {fix}")
 
 
 def barrier() -> None:

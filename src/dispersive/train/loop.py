@@ -61,6 +61,7 @@ from dispersive.train.config import (
 )
 from dispersive.train.distributed import (
     all_reduce_mean,
+    check_same_on_all_ranks,
     cleanup_distributed,
     env_world_size,
     init_distributed,
@@ -156,6 +157,11 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
             step, nonfinite_total = _resume(
                 run_dir, info.is_main, model=model, ema=ema, optimizer=optimizer, data=data,
                 noise_gen=noise_gen, rank_seed=(tr.seed, rank, 1) if rank else None,
+            )  # fmt: skip
+            # Each rank reads RUN_DIR itself: on nodes without a shared one they would differ.
+            check_same_on_all_ranks(
+                step, f"the step resumed from in {run_dir}",
+                "RUN_DIR must be one folder every node sees (a shared filesystem)",
             )  # fmt: skip
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
