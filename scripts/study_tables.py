@@ -149,7 +149,10 @@ def _seed(run_dir: Path) -> int:
 
 def _label(d: dict) -> str:
     layers = "all blocks" if len(d["layers"]) > 1 else d["layers"][0]
-    return f"{VARIANT_NAMES[d['variant']]}, lambda={d['weight']}, tau={d['tau']}, {layers}"
+    extra = ", no diagonal" if d.get("include_diagonal", True) is False else ""
+    if d["variant"] == "hinge" and d.get("margin", 1.0) != 1.0:
+        extra += f", margin={d['margin']}"
+    return f"{VARIANT_NAMES[d['variant']]}, lambda={d['weight']}, tau={d['tau']}, {layers}{extra}"
 
 
 def _paired_values(runs: Path, step: int):

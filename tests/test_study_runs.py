@@ -288,3 +288,16 @@ def test_power_gives_the_seeds_whose_t_interval_is_within_the_target():
     mean, sd, ci = tables.t_ci([1.0, 2.0, 6.0])
     assert (mean, sd) == (3.0, pytest.approx(np.std([1, 2, 6], ddof=1)))
     assert ci == pytest.approx(4.302653 * sd / np.sqrt(3), rel=1e-6)  # t_{0.975, 2}
+
+
+def test_arm_labels_tell_apart_what_the_screen_varies():
+    tables = _study_tables()
+    base = {"weight": 0.1, "tau": 1.0, "layers": ["blocks.0"], "variant": "infonce_l2"}
+    labels = {
+        tables._label(base),
+        tables._label({**base, "include_diagonal": False}),
+        tables._label({**base, "variant": "hinge"}),
+        tables._label({**base, "variant": "hinge", "margin": 4.0}),
+    }
+    assert len(labels) == 4
+    assert tables._label({**base, "include_diagonal": True}) == tables._label(base)
