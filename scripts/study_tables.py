@@ -327,10 +327,8 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
     )
     from dispersive.train.data import load_fashion_mnist
 
-    test, _ = load_fashion_mnist(None, train=False)
     train, _ = load_fashion_mnist(None, train=True)
     ext = get_extractor("fashion-mnist")
-    f_test, _ = ext(test[..., None])
     f_train, _ = ext(train[..., None])
     ref = load_statistics(ASSETS_DIR / REF_STATS_FILE)
     rng = np.random.default_rng(seed)
@@ -338,9 +336,11 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
         "| images | subsets | FD mean | FD sample SD (ddof 1) | KID mean | KID sample SD |",
         "|---|---|---|---|---|---|",
     ]
+    test, _ = load_fashion_mnist(None, train=False)
+    f_test, _ = ext(test[..., None])
     full = feature_statistics(f_test)
     fd_full = frechet_distance(full.mu, full.sigma, ref.mu, ref.sigma)
-    for n in sizes:
+    for n in sizes if samples is None else ():  # real images once; then the sample set alone
         fds, kids = [], []
         for _ in range(repeats):
             idx = torch.from_numpy(rng.choice(len(test), n, replace=False))
@@ -351,12 +351,20 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
             f"| {n:,} test images | {repeats} | {np.mean(fds):.3f} | {np.std(fds, ddof=1):.3f} "
             f"| {np.mean(kids):.5f} | {np.std(kids, ddof=1):.5f} |"
         )
-    lines.append(f"| all 10,000 test images | 1 | {fd_full:.3f} | – | – | – |")
+    if samples is None:
+        lines.append(f"| all 10,000 test images | 1 | {fd_full:.3f} | – | – | – |")
     if samples is not None:
         from dispersive.eval.io import load_images
 
         f_gen, _ = ext(load_images(samples))
-        for n in sizes:
+        st = feature_statistics(f_gen)
+        fd = frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma)
+        kid = kernel_inception_distance(f_train, f_gen, seed=seed)[0]
+        lines.append(
+            f"| all {len(f_gen):,} samples ({samples}) | 1 | {fd:.3f} | – | {kid:.5f} | – |"
+        )
+        # Subsets smaller than the set (the set itself has no spread between subsets).
+        for n in sorted({min(n, len(f_gen) // 2) for n in sizes}):
             fds, kids = [], []
             for _ in range(repeats):
                 idx = torch.from_numpy(rng.choice(len(f_gen), n, replace=False))
