@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dispersive.eval.features import ASSETS_DIR, REF_STATS_FILE, classifier_metadata
-    from dispersive.eval.fid import evaluate
     from dispersive.eval.io import save_npz
+    from dispersive.eval.metrics import evaluate
     from dispersive.train.data import load_fashion_mnist
 
     torch.set_num_threads(args.threads)

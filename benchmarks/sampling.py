@@ -53,7 +53,7 @@ ensure_importable()
 
 import torch  # noqa: E402
 
-from dispersive.guidance import cfg  # noqa: E402
+from dispersive.guidance import guided  # noqa: E402
 from dispersive.models import build  # noqa: E402
 from dispersive.paths import get_path  # noqa: E402
 from dispersive.samplers import euler, euler_maruyama, heun, nfe  # noqa: E402
@@ -72,7 +72,7 @@ def run(*, model_name: str, batch: int, steps: int, repeats: int, cfg_scale: flo
         fn = lambda x, t: model(x, t, y)
         x_eval, t_eval, y_eval = noise, torch.rand(batch), y
     else:
-        fn = cfg(model, y=y, null_y=10, scale=cfg_scale)
+        fn = guided(model, y=y, null_y=10, scale=cfg_scale)
         x_eval = torch.cat([noise, noise])
         t_eval = torch.rand(2 * batch)
         y_eval = torch.cat([y, torch.full_like(y, 10)])
@@ -123,10 +123,10 @@ def report(rows: list[dict], *, args: argparse.Namespace, threads: int) -> str:
             for r in rows
         ],
     )
-    guided = f", CFG scale {args.cfg} (doubled batch)" if args.cfg != 1.0 else ""
+    guidance = f", CFG scale {args.cfg} (doubled batch)" if args.cfg != 1.0 else ""
     return (
         "## Sampling overhead\n\n"
-        f"{args.model} at 28x28x1, batch {args.batch}, {args.steps} steps{guided}; "
+        f"{args.model} at 28x28x1, batch {args.batch}, {args.steps} steps{guidance}; "
         f"{args.repeats} rounds, each running the sampler and the model-only loop in turn. "
         f"`benchmarks/sampling.py{' --quick' if args.quick else ''}`; {machine_info(threads)}.\n"
         "Model-only = the same number of forwards on a batch of the same shape, nothing else; "

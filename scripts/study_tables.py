@@ -319,7 +319,7 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
     import torch
 
     from dispersive.eval.features import ASSETS_DIR, REF_STATS_FILE, get_extractor
-    from dispersive.eval.fid import (
+    from dispersive.eval.metrics import (
         feature_statistics,
         frechet_distance,
         kernel_inception_distance,

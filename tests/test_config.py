@@ -455,7 +455,7 @@ def test_choices_are_the_librarys_own_names():
     from dispersive import losses, paths, samplers, timesteps
     from dispersive.eval.features import FEATURES
     from dispersive.generate import KIND_SAMPLERS
-    from dispersive.objectives import TWO_VIEW_MODES
+    from dispersive.timesteps import TWO_VIEW_MODES
     from dispersive.train.data import DATASETS
 
     assert CHOICES["dispersive.variant"] is losses.VARIANTS

@@ -109,7 +109,7 @@ def test_eval_end_to_end_json_last_line(fmnist_npz, tmp_path, capsys):
     for key in ("fid", "is", "kid", "precision", "recall", "features", "library"):
         assert key in res, key
     # The metric registry names every number evaluate() reports (tables read it from there).
-    from dispersive.eval.fid import EVAL_KEYS, METRIC_INFO
+    from dispersive.eval.metrics import EVAL_KEYS, METRIC_INFO
 
     assert {k for k, v in res.items() if isinstance(v, float) and k in EVAL_KEYS} == set(EVAL_KEYS)
     assert set(EVAL_KEYS) <= set(METRIC_INFO) and METRIC_INFO["is"].higher_is_better

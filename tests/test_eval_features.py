@@ -12,7 +12,7 @@ import torch
 
 from dispersive.errors import UserError
 from dispersive.eval import features as F
-from dispersive.eval.fid import feature_statistics, frechet_distance, load_statistics
+from dispersive.eval.metrics import feature_statistics, frechet_distance, load_statistics
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -134,8 +134,8 @@ def test_fashion_mnist_features_check_the_image_size():
 
 
 def test_proxy_fid_equals_eval_on_the_same_images():
-    from dispersive.eval.fid import evaluate
     from dispersive.eval.io import from_uint8
+    from dispersive.eval.metrics import evaluate
     from dispersive.eval.proxy import proxy_fid
 
     x = _test_images(500)

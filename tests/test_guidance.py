@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispersive.guidance import cfg, guide
+from dispersive.guidance import guide, guided
 
 NULL = 5  # the null label of a 5-class model
 
@@ -45,7 +45,7 @@ def _inputs(b: int = 6, seed: int = 0):
 def test_scale_one_is_the_conditional_model_without_doubling():
     model = ToyModel()
     x, t, y = _inputs()
-    out = cfg(model, y=y, null_y=NULL, scale=1.0)(x, t)
+    out = guided(model, y=y, null_y=NULL, scale=1.0)(x, t)
     torch.testing.assert_close(out, model(x, t, y))
     assert model.batches == [6, 6]  # one plain call from cfg, one from the check
 
@@ -53,7 +53,7 @@ def test_scale_one_is_the_conditional_model_without_doubling():
 def test_scale_zero_is_the_unconditional_model():
     model = ToyModel()
     x, t, y = _inputs()
-    out = cfg(model, y=y, null_y=NULL, scale=0.0)(x, t)
+    out = guided(model, y=y, null_y=NULL, scale=0.0)(x, t)
     torch.testing.assert_close(out, model(x, t, torch.full_like(y, NULL)))
 
 
@@ -61,7 +61,7 @@ def test_scale_zero_is_the_unconditional_model():
 def test_one_batched_forward_equals_two_calls(scale):
     model = ToyModel()
     x, t, y = _inputs()
-    out = cfg(model, y=y, null_y=torch.full_like(y, NULL), scale=scale)(x, t)
+    out = guided(model, y=y, null_y=torch.full_like(y, NULL), scale=scale)(x, t)
     assert model.batches == [12]  # ONE forward on the doubled batch
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, NULL))
     torch.testing.assert_close(out, uncond + scale * (cond - uncond))
@@ -71,7 +71,7 @@ def test_outside_the_interval_it_is_the_conditional_prediction_in_one_plain_call
     model = ToyModel()
     x, _, y = _inputs()
     t = torch.full((6,), 0.9, dtype=torch.float64)
-    out = cfg(model, y=y, null_y=NULL, scale=3.0, interval=(0.2, 0.7))(x, t)
+    out = guided(model, y=y, null_y=NULL, scale=3.0, interval=(0.2, 0.7))(x, t)
     assert model.batches == [6]
     torch.testing.assert_close(out, model(x, t, y))
 
@@ -80,7 +80,7 @@ def test_mixed_batch_guides_only_the_samples_inside_the_interval():
     model = ToyModel()
     x, _, y = _inputs()
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.2], dtype=torch.float64)
-    out = cfg(model, y=y, null_y=NULL, scale=2.0, interval=(0.2, 0.7))(x, t)
+    out = guided(model, y=y, null_y=NULL, scale=2.0, interval=(0.2, 0.7))(x, t)
     assert model.batches == [6 + 4]  # the batch plus the unconditional copies of 4 rows
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, NULL))
     inside = (t >= 0.2) & (t <= 0.7)  # closed interval
@@ -91,7 +91,7 @@ def test_mixed_batch_guides_only_the_samples_inside_the_interval():
 def test_channels_option_guides_the_leading_channels_only():
     model = ToyModel(out_channels=8)
     x, t, y = _inputs()
-    out = cfg(model, y=y, null_y=NULL, scale=4.0, channels=3)(x, t)
+    out = guided(model, y=y, null_y=NULL, scale=4.0, channels=3)(x, t)
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, NULL))
     torch.testing.assert_close(out[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]))
     torch.testing.assert_close(out[:, 3:], cond[:, 3:])
@@ -105,7 +105,7 @@ def test_extra_per_sample_arguments_are_doubled_with_x():
     x, _, y = _inputs()
     t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.2], dtype=torch.float64)
     h = torch.linspace(0.1, 0.6, 6, dtype=torch.float64)
-    out = cfg(model, y=y, null_y=NULL, scale=2.5, interval=(0.25, 1.0))(x, t, h)
+    out = guided(model, y=y, null_y=NULL, scale=2.5, interval=(0.25, 1.0))(x, t, h)
     cond, uncond = model(x, t, h, y), model(x, t, h, torch.full_like(y, NULL))
     inside = (t >= 0.25).reshape(-1, 1, 1)
     torch.testing.assert_close(out, torch.where(inside, uncond + 2.5 * (cond - uncond), cond))
@@ -123,7 +123,7 @@ def test_cfg_matches_a_per_sample_oracle(scale, lo, width, seed, channels):
     model = ToyModel()
     x, t, y = _inputs(b=5, seed=seed)
     hi = min(1.0, lo + width)
-    out = cfg(model, y=y, null_y=NULL, scale=scale, interval=(lo, hi), channels=channels)(x, t)
+    out = guided(model, y=y, null_y=NULL, scale=scale, interval=(lo, hi), channels=channels)(x, t)
     for i in range(5):
         xi, ti = x[i : i + 1], t[i : i + 1]
         cond = model(xi, ti, y[i : i + 1])
@@ -141,13 +141,13 @@ def test_bad_arguments_name_the_problem():
     model = ToyModel()
     x, t, y = _inputs()
     with pytest.raises(ValueError, match="lo <= hi"):
-        cfg(model, y=y, null_y=NULL, scale=2.0, interval=(0.8, 0.2))
+        guided(model, y=y, null_y=NULL, scale=2.0, interval=(0.8, 0.2))
     with pytest.raises(ValueError, match=r"y must have shape \(6,\)"):
-        cfg(model, y=y[:3], null_y=NULL, scale=2.0)(x, t)
+        guided(model, y=y[:3], null_y=NULL, scale=2.0)(x, t)
     with pytest.raises(TypeError, match="integer class labels"):
-        cfg(model, y=y.float(), null_y=NULL, scale=2.0)(x, t)
+        guided(model, y=y.float(), null_y=NULL, scale=2.0)(x, t)
     with pytest.raises(ValueError, match="channels"):
-        cfg(model, y=y, null_y=NULL, scale=2.0, channels=0)
+        guided(model, y=y, null_y=NULL, scale=2.0, channels=0)
 
 
 # ------------------------------------------------------------------ through generate()

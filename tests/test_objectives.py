@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from _ranks import run_ranks
+from dispersive.ddpm import DDPMSchedule, discretized_gaussian_log_likelihood, normal_kl
 from dispersive.objectives import (
     ddpm_loss,
     flow_matching_loss,
@@ -25,7 +26,6 @@ from dispersive.objectives import (
     two_view_t,
 )
 from dispersive.paths import PATHS, LinearPath, expand_like, get_path
-from dispersive.schedules import DDPMSchedule, discretized_gaussian_log_likelihood, normal_kl
 from dispersive.timesteps import sample_steps, sample_t, sample_t_r
 
 F64 = torch.float64

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from dispersive.ddpm import DDPMSchedule
 from dispersive.generate import generate
 from dispersive.paths import AffinePath, get_path
 from dispersive.samplers import (
@@ -29,7 +30,6 @@ from dispersive.samplers import (
     nfe,
     time_grid,
 )
-from dispersive.schedules import DDPMSchedule
 
 F64 = torch.float64
 MU = torch.tensor([0.5, -1.0, 0.2], dtype=F64)
@@ -346,7 +346,7 @@ def _adm_spacing(total: int, count: int) -> list[int]:
 
 
 def test_respacing_matches_adm_for_every_count():
-    from dispersive.schedules import respaced_steps
+    from dispersive.ddpm import respaced_steps
 
     direct_differs = 0
     for total in (1000, 4000, 250):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dispersive.taps import FeatureTap, module_names, resolve_module
+from dispersive.taps import FeatureTap, module_names, resolve_module, unwrap
 
 VOCAB, T, D, DEPTH, B = 11, 5, 16, 4, 6
 
@@ -275,6 +275,12 @@ def test_wrapper_prefixes_resolve_both_ways(model, tokens):
     torch.testing.assert_close(tap.pop(), oracle(model, tokens)[1])
 
 
+def test_unwrap_steps_through_nested_wrappers_only(model):
+    assert unwrap(Wrapper(Wrapper(model))) is model and unwrap(model) is model
+    fn = lambda x: x  # noqa: E731  (a model function that is not a module is left as it is)
+    assert unwrap(fn) is fn
+
+
 def test_ordinary_attribute_named_module_is_not_a_wrapper():
     class Net(nn.Module):
         def __init__(self):
@@ -286,6 +292,7 @@ def test_ordinary_attribute_named_module_is_not_a_wrapper():
     assert resolve_module(net, "module.0")[1] is net.module[0]
     with pytest.raises(ValueError, match="no submodule named '0'"):
         resolve_module(net, "0")  # "module" has a sibling, so it is not stepped through
+    assert unwrap(net) is net
 
 
 # ---------------------------------------------------------------- lifetime

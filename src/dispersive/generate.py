@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dispersive.guidance import cfg
+from dispersive.guidance import guided
 from dispersive.paths import get_path
 from dispersive.samplers import (
     ddim_sample,
@@ -221,7 +221,7 @@ def generate(
     flow_path = get_path(path) if kind == "flow" else None
     if kind == "ddpm":
         if schedule is None:
-            from dispersive.schedules import DDPMSchedule
+            from dispersive.ddpm import DDPMSchedule
 
             schedule = DDPMSchedule()
         learn_sigma = bool(getattr(model, "learn_sigma", model.out_channels == 2 * c))
@@ -249,7 +249,7 @@ def generate(
                 if y is None or cfg_scale == 1.0:
                     fn = lambda x, *a, _y=y: model(x, *a, _y)
                 else:
-                    fn = cfg(
+                    fn = guided(
                         model,
                         y=y,
                         null_y=num_classes,

@@ -1,9 +1,9 @@
 """Classifier-free guidance as a wrapper around the model function.
 
-:func:`cfg` turns a class-conditional ``model_fn(x, t, *extra, y)`` into a plain ``fn(x, t,
+:func:`guided` turns a class-conditional ``model_fn(x, t, *extra, y)`` into a plain ``fn(x, t,
 *extra)`` that a sampler can call, so samplers never see labels or guidance::
 
-    fn = cfg(lambda x, t, y: model(x, t, y), y=labels, null_y=num_classes, scale=4.0)
+    fn = guided(lambda x, t, y: model(x, t, y), y=labels, null_y=num_classes, scale=4.0)
     x0 = heun(fn, noise, steps=50)
 
 The guided output is ``uncond + scale * (cond - uncond)``: scale 1 is the conditional model,
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["cfg", "guide"]
+__all__ = ["guided", "guide", "cfg"]
 
 
 def guide(cond: Tensor, uncond: Tensor, scale: float, channels: int | None = None) -> Tensor:
@@ -68,7 +68,7 @@ def _double(a: Any, rows: Tensor | None, batch: int) -> Any:
     return a
 
 
-def cfg(
+def guided(
     model_fn: Callable[..., Tensor],
     *,
     y: Tensor,
@@ -93,7 +93,9 @@ def cfg(
         ``fn(x, t, *extra) -> (B, C_out, ...)``, the guided prediction.
     """
     if y is None:
-        raise ValueError("cfg needs the class labels y; an unconditional model has no guidance")
+        raise ValueError(
+            "guided() needs the class labels y; an unconditional model has no guidance"
+        )
     lo, hi = (float(v) for v in interval)
     if not lo <= hi:
         raise ValueError(f"guidance interval must satisfy lo <= hi; got {tuple(interval)}")
@@ -131,3 +133,7 @@ def cfg(
         return result
 
     return guided
+
+
+#: Old name of :func:`guided` (``cfg`` also names the run config everywhere in the system).
+cfg = guided

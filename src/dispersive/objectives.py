@@ -11,16 +11,16 @@ Time convention (:mod:`dispersive.paths`): t = 0 is data, t = 1 is noise,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dispersive.ddpm import DDPMSchedule
 from dispersive.paths import AffinePath, expand_like
-from dispersive.schedules import DDPMSchedule
-from dispersive.timesteps import sample_t
+from dispersive.taps import unwrap
+from dispersive.timesteps import TWO_VIEW_MODES, sample_t, two_view_t  # noqa: F401 (old home)
 
 __all__ = [
     "TWO_VIEW_MODES",
@@ -31,9 +31,6 @@ __all__ = [
     "meanflow_guided_velocity",
     "two_view_t",
 ]
-
-#: Valid ``mode`` values of :func:`two_view_t`.
-TWO_VIEW_MODES = ("independent", "restricted")
 
 
 def _mean_flat(x: Tensor) -> Tensor:
@@ -120,7 +117,7 @@ def ddpm_loss(
         x0: (B, C, ...) data.
         k: (B,) integer steps in [0, K) (:func:`dispersive.timesteps.sample_steps`).
         noise: (B, C, ...) standard normal noise.
-        schedule: the :class:`~dispersive.schedules.DDPMSchedule`.
+        schedule: the :class:`~dispersive.ddpm.DDPMSchedule`.
         learn_sigma: whether the model predicts the variance (DiT: True).
 
     Returns:
@@ -151,13 +148,6 @@ def ddpm_loss(
 
 
 # --------------------------------------------------------------------------- MeanFlow
-def _unwrap_ddp(fn: Callable) -> Callable:
-    # torch.func.jvp cannot trace DistributedDataParallel.forward (its reducer hooks); the
-    # wrapped module computes the same function.
-    ddp = torch.nn.parallel.DistributedDataParallel
-    return fn.module if isinstance(fn, ddp) else fn
-
-
 def _discard_tap(tap: Any) -> None:
     """Forget whatever the tap recorded (e.g. during the no-grad jvp forwards)."""
     if hasattr(tap, "clear"):
@@ -354,7 +344,7 @@ def meanflow_loss(
     v = noise - x0
 
     ddp = torch.nn.parallel.DistributedDataParallel
-    jfn = jvp_fn if jvp_fn is not None else _unwrap_ddp(model_fn)
+    jfn = jvp_fn if jvp_fn is not None else unwrap(model_fn)
     v_tilde = meanflow_guided_velocity(
         jfn,
         z_t,
@@ -402,53 +392,3 @@ def meanflow_loss(
 
 
 # --------------------------------------------------------------------------- two views
-def two_view_t(
-    t: Tensor,
-    *,
-    mode: str,
-    max_gap: float = 0.005,
-    generator: torch.Generator | None = None,
-    dist: str = "uniform",
-    mean: float = 0.0,
-    std: float = 1.0,
-) -> Tensor:
-    """Noise level of the second view for the contrastive comparison (paper Table 2).
-
-    * "independent": t2 is a fresh draw from the same distribution as t (``dist``, ``mean``,
-      ``std`` as in :func:`dispersive.timesteps.sample_t`; pass the ones t was drawn with).
-    * "restricted": t2 is uniform on ``[t - max_gap, t + max_gap]`` intersected with [0, 1], so
-      ``|t2 - t| <= max_gap`` and t2 stays in [0, 1] without piling up at the ends.
-
-    The second view's noise is always drawn independently by the caller; the regression loss
-    uses the first view only.
-
-    Args:
-        t: (B,) noise levels of the first view, in [0, 1].
-        mode: "independent" or "restricted".
-        max_gap: half-width of the restricted window (paper: 0.005).
-        generator: source of randomness (on t's device).
-        dist, mean, std: the t distribution for "independent".
-
-    Returns:
-        t2: (B,) like t.
-    """
-    if not isinstance(t, Tensor) or t.ndim != 1 or not t.dtype.is_floating_point:
-        raise ValueError(f"t must be a float tensor of shape (B,); got {getattr(t, 'shape', t)}")
-    if mode == "independent":
-        return sample_t(
-            t.shape[0],
-            dist=dist,
-            mean=mean,
-            std=std,
-            generator=generator,
-            device=t.device,
-            dtype=t.dtype,
-        )
-    if mode == "restricted":
-        if not max_gap >= 0 or math.isinf(max_gap):
-            raise ValueError(f"max_gap must be a finite number >= 0; got {max_gap}")
-        lo = (t - max_gap).clamp(min=0.0)
-        hi = (t + max_gap).clamp(max=1.0)
-        u = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        return lo + u * (hi - lo)
-    raise ValueError(f"unknown two-view mode {mode!r}; valid modes: {list(TWO_VIEW_MODES)}")

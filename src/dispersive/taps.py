@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "module_names", "resolve_module"]
+__all__ = ["FeatureTap", "module_names", "resolve_module", "unwrap"]
 
 # Children that wrappers put between the user and the real model. Stepped through only when
 # they are the wrapper's single child, so an ordinary attribute called "module" beside others
@@ -70,6 +70,20 @@ def _wrapped_child(module: nn.Module) -> tuple[str, nn.Module] | None:
     if len(children) == 1 and children[0][0] in WRAPPER_ATTRS:
         return children[0]
     return None
+
+
+def unwrap(model: Any) -> Any:
+    """The plain module under wrappers (DDP ``.module``, ``torch.compile``'s ``._orig_mod``,
+    FSDP, checkpoint wrappers; see ``WRAPPER_ATTRS``); anything else is returned as it is.
+
+    The one unwrapping helper of the package: the EMA copies the plain model and MeanFlow's jvp
+    runs on it (``torch.func.jvp`` cannot trace DDP's forward)."""
+    while isinstance(model, nn.Module):
+        wrapped = _wrapped_child(model)
+        if wrapped is None:
+            break
+        model = wrapped[1]
+    return model
 
 
 def module_names(model: nn.Module) -> list[str]:

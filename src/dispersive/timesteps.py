@@ -9,13 +9,17 @@ generator must live on the same device as the tensors it draws (``device``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["T_DISTS", "sample_t", "sample_t_r", "sample_steps"]
+__all__ = ["T_DISTS", "TWO_VIEW_MODES", "sample_t", "sample_t_r", "sample_steps", "two_view_t"]
 
 #: Valid names of the t distribution.
 T_DISTS = ("uniform", "logit_normal")
+#: Valid ``mode`` values of :func:`two_view_t`.
+TWO_VIEW_MODES = ("independent", "restricted")
 
 
 def _check_n(n: int) -> None:
@@ -119,3 +123,55 @@ def sample_steps(
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
     return torch.randint(0, num_steps, (n,), generator=generator, device=device)
+
+
+def two_view_t(
+    t: Tensor,
+    *,
+    mode: str,
+    max_gap: float = 0.005,
+    generator: torch.Generator | None = None,
+    dist: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> Tensor:
+    """Noise level of the second view for the contrastive comparison (paper Table 2).
+
+    * "independent": t2 is a fresh draw from the same distribution as t (``dist``, ``mean``,
+      ``std`` as in :func:`dispersive.timesteps.sample_t`; pass the ones t was drawn with).
+    * "restricted": t2 is uniform on ``[t - max_gap, t + max_gap]`` intersected with [0, 1], so
+      ``|t2 - t| <= max_gap`` and t2 stays in [0, 1] without piling up at the ends.
+
+    The second view's noise is always drawn independently by the caller; the regression loss
+    uses the first view only.
+
+    Args:
+        t: (B,) noise levels of the first view, in [0, 1].
+        mode: "independent" or "restricted".
+        max_gap: half-width of the restricted window (paper: 0.005).
+        generator: source of randomness (on t's device).
+        dist, mean, std: the t distribution for "independent".
+
+    Returns:
+        t2: (B,) like t.
+    """
+    if not isinstance(t, Tensor) or t.ndim != 1 or not t.dtype.is_floating_point:
+        raise ValueError(f"t must be a float tensor of shape (B,); got {getattr(t, 'shape', t)}")
+    if mode == "independent":
+        return sample_t(
+            t.shape[0],
+            dist=dist,
+            mean=mean,
+            std=std,
+            generator=generator,
+            device=t.device,
+            dtype=t.dtype,
+        )
+    if mode == "restricted":
+        if not max_gap >= 0 or math.isinf(max_gap):
+            raise ValueError(f"max_gap must be a finite number >= 0; got {max_gap}")
+        lo = (t - max_gap).clamp(min=0.0)
+        hi = (t + max_gap).clamp(max=1.0)
+        u = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        return lo + u * (hi - lo)
+    raise ValueError(f"unknown two-view mode {mode!r}; valid modes: {list(TWO_VIEW_MODES)}")

@@ -13,7 +13,7 @@ import argparse
 import json
 
 from dispersive.eval.features import FEATURES
-from dispersive.eval.fid import EVAL_KEYS, METRICS
+from dispersive.eval.metrics import EVAL_KEYS, METRICS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dispersive.eval.fid import evaluate
+    from dispersive.eval.metrics import evaluate
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         DomainClassifier,
         sha256_file,
     )
-    from dispersive.eval.fid import feature_statistics, save_statistics
+    from dispersive.eval.metrics import feature_statistics, save_statistics
 
     if args.epochs < 1 or args.batch_size < 2:
         raise UserError("--epochs must be >= 1 and --batch-size >= 2")

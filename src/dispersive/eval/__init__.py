@@ -5,10 +5,10 @@ nothing heavy); import the submodule you need:
 
 - :mod:`dispersive.eval.io`: [-1, 1] tensors <-> uint8 NHWC, ADM .npz, image folders, grids.
 - :mod:`dispersive.eval.features`: the shipped Fashion-MNIST classifier, FID Inception loading.
-- :mod:`dispersive.eval.fid`: FID / IS / KID (torchmetrics), precision/recall, statistics files,
+- :mod:`dispersive.eval.metrics`: FID / IS / KID (torchmetrics), precision/recall, statistics files,
   ``evaluate(samples, ref, features=...)``.
 - :mod:`dispersive.eval.proxy`: ``proxy_fid(images)`` for the training loop.
 - :mod:`dispersive.eval.diagnostics`: ``block_norms(model, x0, y, ts=..., generator=...)``.
 """
 
-__all__ = ["io", "features", "fid", "proxy", "diagnostics"]
+__all__ = ["io", "features", "metrics", "proxy", "diagnostics"]

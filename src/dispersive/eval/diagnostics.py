@@ -76,7 +76,7 @@ def block_norms(
             for t in ts:
                 tt = torch.full((b,), float(t), device=device, dtype=x0.dtype)
                 if kind == "ddpm":
-                    from dispersive.schedules import DDPMSchedule
+                    from dispersive.ddpm import DDPMSchedule
 
                     sch = schedule or DDPMSchedule()
                     k = round(float(t) * (sch.num_steps - 1))

@@ -18,7 +18,7 @@ __all__ = ["proxy_fid", "proxy_metrics"]
 def _reference(features: str):
     # Cached per process: the network and the statistics are loaded (and checksummed) once.
     from dispersive.eval.features import ASSETS_DIR, REF_STATS_FILE, get_extractor
-    from dispersive.eval.fid import load_statistics
+    from dispersive.eval.metrics import load_statistics
 
     if features != "fashion-mnist":
         raise UserError(
@@ -67,8 +67,8 @@ def proxy_metrics(
         classifier assigns to the class they were generated for (when ``labels`` is given).
         A direct check that samples are recognisable garments of the right kind.
     """
-    from dispersive.eval.fid import feature_statistics, frechet_distance
     from dispersive.eval.io import to_uint8
+    from dispersive.eval.metrics import feature_statistics, frechet_distance
 
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28) or images.shape[0] < 2:
         raise ValueError(

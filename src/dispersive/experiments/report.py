@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dispersive.eval.fid import EVAL_KEYS, METRIC_INFO
+from dispersive.eval.metrics import EVAL_KEYS, METRIC_INFO
 from dispersive.experiments.grid import Grid, toml_literal
 from dispersive.experiments.plots import plot_block_norms, plot_curves, plot_samples
 from dispersive.experiments.results import (

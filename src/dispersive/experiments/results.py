@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dispersive.atomic import atomic_write
-from dispersive.eval.fid import EVAL_KEYS, METRIC_INFO
+from dispersive.eval.metrics import EVAL_KEYS, METRIC_INFO
 from dispersive.experiments.grid import Arm, Grid, RunSpec
 from dispersive.train.rundir import DONE_FILE
 

@@ -39,10 +39,9 @@ from dispersive.eval.features import FEATURES
 from dispersive.generate import KIND_SAMPLERS, SAMPLER_OPTIONS
 from dispersive.losses import SCOPES, VARIANTS
 from dispersive.models.official import WEIGHTS
-from dispersive.objectives import TWO_VIEW_MODES
 from dispersive.paths import PATHS
 from dispersive.samplers import SAMPLERS
-from dispersive.timesteps import T_DISTS
+from dispersive.timesteps import T_DISTS, TWO_VIEW_MODES
 from dispersive.train.data import DATASETS
 
 __all__ = [

@@ -8,18 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dispersive.taps import unwrap
+
 __all__ = ["EMA", "unwrap_model"]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+#: Old name of :func:`dispersive.taps.unwrap`.
+unwrap_model = unwrap
 
 
 class EMA:
@@ -38,7 +33,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.num_updates = 0
@@ -60,7 +55,7 @@ class EMA:
                 to the number of updates so far.
         """
         weight = 1.0 - self.current_decay(step)
-        src = unwrap_model(model)
+        src = unwrap(model)
         ema_params = dict(self.model.named_parameters())
         for name, p in src.named_parameters():
             # lerp_: ema + w * (p - ema), one fused op per tensor.

@@ -64,7 +64,7 @@ class TrainingObjective:
 
             self.path = get_path(self.obj.path)
         elif kind == "ddpm":
-            from dispersive.schedules import DDPMSchedule
+            from dispersive.ddpm import DDPMSchedule
 
             self.schedule = DDPMSchedule()  # DiT: 1000 linear betas 1e-4 .. 0.02
         # The kind's time draw and forward, chosen once.
@@ -88,7 +88,7 @@ class TrainingObjective:
             y = torch.where(drop < obj.label_dropout, torch.full_like(y, self.num_classes), y)
         if self.contrastive:
             # Table 2: a second noisy view of the same images (independent noise).
-            t2 = objectives.two_view_t(
+            t2 = timesteps.two_view_t(
                 times["t"], mode=obj.two_view, max_gap=obj.two_view_gap, generator=gen,
                 **self.t_kw,
             )  # fmt: skip

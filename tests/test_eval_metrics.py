@@ -15,7 +15,7 @@ import torch
 
 from _ranks import run_ranks
 from dispersive.errors import UserError
-from dispersive.eval.fid import (
+from dispersive.eval.metrics import (
     Statistics,
     feature_statistics,
     frechet_distance,
