@@ -1,4 +1,5 @@
-"""Presets: the paper's and the authors' settings, and the block each one regularises."""
+"""Recipes (the paper's and the authors' settings), the block each regularises, and the
+TOML presets that carry them into runs."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ import pytest
 import torch
 
 from dispersive.losses import VARIANTS, dispersive_loss
-from dispersive.presets import PRESETS, Preset, get_preset, resolve_block
+from dispersive.recipes import RECIPES, Recipe, get_recipe, resolve_block
 
 
-def test_paper_preset_values():
-    p = get_preset("paper")
+def test_paper_recipe_values():
+    p = get_recipe("paper")
     assert (p.weight, p.tau, p.variant, p.per_device_batch) == (0.5, 0.5, "infonce_l2", 16)
     assert p.normalize_by_dim and p.include_diagonal
 
 
-def test_authors_pytorch_preset_values():
-    p = get_preset("authors-pytorch")
+def test_authors_pytorch_recipe_values():
+    p = get_recipe("authors-pytorch")
     assert (p.weight, p.tau, p.variant, p.per_device_batch) == (0.25, 1.0, "infonce_l2", 32)
 
 
@@ -31,7 +32,7 @@ def test_paper_block_is_the_end_of_the_first_quarter(depth):
 
 def test_paper_block_for_sit_b():
     assert resolve_block("paper", 12) == "blocks.2"
-    assert resolve_block(get_preset("paper"), 28, prefix="model.blocks") == "model.blocks.6"
+    assert resolve_block(get_recipe("paper"), 28, prefix="model.blocks") == "model.blocks.6"
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -44,10 +45,10 @@ def test_authors_block_is_the_last(depth):
     assert resolve_block("authors-pytorch", depth, prefix="layers") == f"layers.{depth - 1}"
 
 
-def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown dispersive preset 'papers'.*authors-pytorch"):
-        get_preset("papers")
-    with pytest.raises(ValueError, match="valid presets"):
+def test_unknown_recipe_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown dispersive recipe 'papers'.*authors-pytorch"):
+        get_recipe("papers")
+    with pytest.raises(ValueError, match="valid recipes"):
         resolve_block("nope", 12)
 
 
@@ -57,8 +58,8 @@ def test_bad_depth_is_refused(depth):
         resolve_block("paper", depth)
 
 
-def test_presets_are_frozen_and_named_consistently():
-    for name, p in PRESETS.items():
+def test_recipes_are_frozen_and_named_consistently():
+    for name, p in RECIPES.items():
         assert p.name == name and p.note
         assert p.variant in VARIANTS
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -67,7 +68,7 @@ def test_presets_are_frozen_and_named_consistently():
 
 def test_loss_kwargs_drive_the_loss():
     z = torch.randn(8, 3, 5)
-    for p in PRESETS.values():
+    for p in RECIPES.values():
         kw = p.loss_kwargs()
         assert "weight" not in kw
         expected = dispersive_loss(z, variant=p.variant, tau=p.tau)
@@ -75,7 +76,7 @@ def test_loss_kwargs_drive_the_loss():
 
 
 def test_unknown_block_rule_is_refused():
-    p = Preset("x", weight=1.0, tau=1.0, variant="hinge", block_rule="middle", per_device_batch=8)
+    p = Recipe("x", weight=1.0, tau=1.0, variant="hinge", block_rule="middle", per_device_batch=8)
     with pytest.raises(ValueError, match=r"unknown block rule 'middle'.*first_quarter"):
         resolve_block(p, 12)
 
@@ -102,7 +103,7 @@ def test_authors_pytorch_configs_use_adamw_default_betas(stem):
     same = dataclasses.replace(authors, dispersive=base.dispersive, optim=base.optim)
     assert same == base
     assert dataclasses.replace(authors.optim, betas=base.optim.betas) == base.optim
-    p = get_preset("authors-pytorch")
+    p = get_recipe("authors-pytorch")
     assert (authors.dispersive.weight, authors.dispersive.tau) == (p.weight, p.tau)
     assert "0.999" in p.note
 

@@ -36,7 +36,7 @@ from dispersive.models.layers import ATTN_BACKENDS, check_attn_backend
 from dispersive.models.meanflow import MeanFlowTransformer
 from dispersive.models.official import load_official
 from dispersive.models.transformer import PATCHES, SIZES, DiT, SiT
-from dispersive.models.unet import UNET_PRESETS, UNet
+from dispersive.models.unet import UNET_SIZES, UNet
 
 __all__ = [
     "MODELS",
@@ -73,7 +73,7 @@ _UNET_OVERRIDES = (
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One registry entry: the class, its preset arguments and the override names it accepts."""
+    """One registry entry: the class, its size arguments and the override names it accepts."""
 
     cls: Callable[..., nn.Module]
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -99,8 +99,8 @@ def _registry() -> dict[str, ModelEntry]:
         for size, arch in SIZES.items():
             for p in PATCHES[size]:
                 reg[f"{prefix}-{size}/{p}"] = ModelEntry(cls, {**arch, "patch_size": p}, allowed)
-    for size, preset in UNET_PRESETS.items():
-        reg[f"UNet-{size}"] = ModelEntry(UNet, dict(preset), _UNET_OVERRIDES)
+    for size, arch in UNET_SIZES.items():
+        reg[f"UNet-{size}"] = ModelEntry(UNet, dict(arch), _UNET_OVERRIDES)
     return reg
 
 

@@ -1,7 +1,7 @@
 """SiT and DiT: latent diffusion transformers with adaLN-Zero conditioning.
 
 Organisation (as DiT's ``models.py``): helpers live in ``layers.py``; this file has the block,
-the final layer, the shared backbone, the two models and their size presets (paper Table 8).
+the final layer, the shared backbone, the two models and their sizes (paper Table 8).
 
 - SiT (flow, velocity prediction): ``model(x, t, y) -> v`` (B, C, H, W); t in [0, 1] with
   data at t=0 (``dispersive.paths``), embedded as 1000 * t. Built with the official SiT's
@@ -362,7 +362,7 @@ class DiT(DiffusionTransformer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Size presets: (hidden_size, depth, num_heads). S..XL from paper Table 8; T and XS are small
+# Sizes: (hidden_size, depth, num_heads). S..XL from paper Table 8; T and XS are small
 # sizes for CPU work built from the same code.
 # ----------------------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from dispersive.models.layers import (
     timestep_embedding,
 )
 
-__all__ = ["UNet", "ResBlock", "AttnBlock", "UNET_PRESETS"]
+__all__ = ["UNet", "ResBlock", "AttnBlock", "UNET_SIZES", "UNET_PRESETS"]
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -298,10 +298,10 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets
+# Sizes
 # ----------------------------------------------------------------------------------------------
 
-UNET_PRESETS: dict[str, dict[str, Any]] = {
+UNET_SIZES: dict[str, dict[str, Any]] = {
     # Flow Matching's CIFAR-10 UNet (facebookresearch/flow_matching): ~55.7M parameters.
     "CIFAR": dict(
         model_channels=128,
@@ -321,3 +321,4 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         num_heads=1,
     ),
 }
+UNET_PRESETS = UNET_SIZES  # old name ("preset" now means a TOML config in configs/)
