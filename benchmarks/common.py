@@ -185,9 +185,12 @@ def machine_info(threads: int) -> str:
                 break
     except OSError:
         pass
+    # The load says how busy the machine was (a shared machine's timings are noisy).
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     return (
         f"torch {torch.__version__}, {cpu}, {threads} thread(s), "
         f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"{load}"
     )
 
 
