@@ -202,7 +202,10 @@ def target(name: str, result: str, detail: str) -> dict:
 
 def authors_loss(z: torch.Tensor) -> torch.Tensor:
     """The authors' formulation, from the loss benchmark (one definition in the project)."""
-    from loss import authors_loss as f  # benchmarks/loss.py
+    if __package__ in (None, ""):
+        from loss import authors_loss as f  # type: ignore[import-not-found]  # benchmarks/loss.py
+    else:
+        from .loss import authors_loss as f
 
     return f(z)
 
