@@ -14,9 +14,9 @@ is skipped and recorded as skipped, with the reason:
    authors' formulation (``benchmarks/loss.py: authors_loss``) at B 16..256 x D up to 196,608.
 4. ``train_step``: SiT-B/2 and SiT-XL/2 training steps on 32x32x4 latents (256x256 images),
    with the paper's dispersive settings read from ``configs/imagenet256-sit-*-disp.toml``
-   (layer, lambda, tau, groups of 16), bf16 autocast + TF32, fused AdamW; baseline and
-   dispersive arms alternate: images/s, the term's overhead (per-round ratio, median and
-   interval), peak memory; eager, then ``torch.compile`` of the model with the taps attached
+   (layer, lambda, tau, groups of 16; the loop's ``DispersiveTerm``), bf16 autocast + TF32,
+   fused AdamW; baseline and dispersive arms alternate: images/s, the term's overhead
+   (per-round ratio, median and interval), peak memory; eager, then ``torch.compile`` of the model with the taps attached
    (graph breaks counted by dynamo's counters; must be 0).
 5. ``sampling``: Heun (``dispersive.generate``) throughput of SiT-XL/2, batch 256, bf16.
 6. ``ddp``: one-process DDP over NCCL started by torchrun (this script's ``--ddp-worker``):
@@ -398,21 +398,26 @@ class Step:
 
     The tap stays attached in both arms (registered before ``torch.compile``, as in the
     training loop): the baseline pops and drops the activations, the dispersive arm adds
-    lambda x the mean over groups of ``dispersive_loss`` per layer (the loop's ``grouped_mean``).
+    lambda x the training loop's own term (``dispersive.train.step.DispersiveTerm``: the mean
+    over layers of the loss on groups of the config's group size, with its finiteness guard).
     """
 
     def __init__(self, name: str, config: str, device: torch.device, sizes: Sizes):
+        import dataclasses
+
         from dispersive.models import build
         from dispersive.paths import get_path
         from dispersive.train.config import load_config
+        from dispersive.train.step import DispersiveTerm
 
         cfg = load_config(REPO / config)
-        self.layers = list(cfg.dispersive.layers)
-        self.weight, self.tau = cfg.dispersive.weight, cfg.dispersive.tau
-        self.variant = cfg.dispersive.variant
-        self.group = sizes.group or cfg.dispersive.group_size or sizes.batch
+        disp = cfg.dispersive
         if name != cfg.model.name:  # the tiny run: the config's settings on a smaller model
-            self.layers = ["blocks.1"]
+            disp = dataclasses.replace(disp, layers=("blocks.1",))
+        self.layers = list(disp.layers)
+        self.weight, self.tau = disp.weight, disp.tau
+        self.group = sizes.group or disp.group_size or sizes.batch
+        self.term = DispersiveTerm(disp, self.group)
         self.device = device
         torch.manual_seed(0)
         self.model = build(
@@ -441,7 +446,6 @@ class Step:
 
     def __call__(self, disp: bool) -> None:
         from dispersive.objectives import flow_matching_loss
-        from dispersive.train.loop import grouped_mean
 
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -456,13 +460,7 @@ class Step:
             feats = self.tap.pop()
             feats = feats if isinstance(feats, dict) else {self.layers[0]: feats}
             if disp:
-                for z in feats.values():
-                    term = grouped_mean(
-                        lambda g: dispersive_loss(g, variant=self.variant, tau=self.tau),
-                        self.group,
-                        z,
-                    )
-                    loss = loss + self.weight * term / len(feats)
+                loss = loss + self.weight * self.term(feats)
         loss.backward()
         self.opt.step()
 
