@@ -16,8 +16,8 @@ is skipped and recorded as skipped, with the reason:
    with the paper's dispersive settings read from ``configs/imagenet256-sit-*-disp.toml``
    (layer, lambda, tau, groups of 16; the loop's ``DispersiveTerm``), bf16 autocast + TF32,
    fused AdamW; baseline and dispersive arms alternate: images/s, the term's overhead
-   (per-round ratio, median and interval), peak memory; eager, then ``torch.compile`` of the model with the taps attached
-   (graph breaks counted by dynamo's counters; must be 0).
+   (per-round ratio, median and interval), peak memory; eager, then ``torch.compile`` of the
+   model with the taps attached (graph breaks counted by dynamo's counters; must be 0).
 5. ``sampling``: Heun (``dispersive.generate``) throughput of SiT-XL/2, batch 256, bf16.
 6. ``ddp``: one-process DDP over NCCL started by torchrun (this script's ``--ddp-worker``):
    the tapped, DDP-wrapped model's gradients equal the plain model's.
