@@ -785,14 +785,8 @@ class DispersiveLoss(nn.Module):
         self.group_size = group_size
 
     def _options(self) -> dict:
-        return dict(
-            variant=self.variant,
-            tau=self.tau,
-            margin=self.margin,
-            normalize_by_dim=self.normalize_by_dim,
-            include_diagonal=self.include_diagonal,
-            scope=self.scope,
-        )
+        names = ("variant", "tau", "margin", "normalize_by_dim", "include_diagonal", "scope")
+        return {k: getattr(self, k) for k in names}
 
     def forward(self, z: Tensor) -> Tensor:
         """z (B, ...) -> scalar loss (the mean over groups of ``group_size``)."""
