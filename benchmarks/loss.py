@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -323,10 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     grid = QUICK_GRID if args.quick else FULL_GRID
     budget = args.budget or (0.5 if args.quick else 2.0)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     rows = run(grid, args.threads, budget, memory=not args.no_memory, clock=args.clock)
     text = report(rows, threads=args.threads, budget_s=budget, quick=args.quick, clock=args.clock)
-    text += f"\n\nWall time of this run: {(time.perf_counter() - t0) / 60:.1f} min."
+    text += (
+        f"\n\nWall time of this run: {(time.perf_counter() - t0) / 60:.1f} min; 1-minute load "
+        f"average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, on "
+        f"{os.cpu_count()} logical CPUs (above the thread count, other processes shared the "
+        "cores: timings, above all at 2 threads, then measure the scheduler as much as the code)."
+    )
     print()
     print(text)
     output = args.output or (None if args.quick else DEFAULT_REPORT)

@@ -30,7 +30,12 @@ that the centred, upcast copy never exists in full); its backward is one matmul 
 Near-duplicate pairs, whose Gram-form distance n_i + n_j - 2 G_ij would be mostly rounding,
 get their distance and gradient from the differences z_i - z_j instead (exact duplicates: 0),
 so values and gradients stay within ~1e-6 of float64 whatever the pairs (issue 12, item 3).
-Non-finite input is detected from the (then non-finite) loss and named with a clear error.
+InfoNCE-l2 of small batches (B <= 8, or B <= 16 with dim <= 4096) takes its distances from
+``torch.nn.functional.pdist`` instead (the differences of its few pairs, exact, and cheaper
+there than the Gram path's fixed cost). Both InfoNCE-l2 paths are fused autograd Functions with
+analytic backwards (plus pdist's own node): the loss is often called per group of a few
+samples, where the cost of separate small operations dominates. Non-finite input is detected
+from the distances or the loss (no separate pass over z) and named with a clear error.
 
 Scopes: ``scope="local"`` (default, the authors' semantics) uses this process's batch.
 ``scope="global"`` gathers z from every ``torch.distributed`` rank with a differentiable
