@@ -33,7 +33,7 @@ so values and gradients stay within ~1e-6 of float64 whatever the pairs (issue 1
 InfoNCE-l2 of small batches (B <= 8, or B <= 16 with dim <= 4096) takes its distances from
 ``torch.nn.functional.pdist`` instead (the differences of its few pairs, exact, and cheaper
 there than the Gram path's fixed cost). Both InfoNCE-l2 paths are fused autograd Functions with
-analytic backwards (plus pdist's own node): the loss is often called per group of a few
+analytic backwards: the loss is often called per group of a few
 samples, where the cost of separate small operations dominates. Non-finite input is detected
 from the distances or the loss (no separate pass over z) and named with a clear error.
 
@@ -458,28 +458,46 @@ def _infonce_from_pdist(pd: Tensor, b: int, coef: float, diag: bool):
     return lse.sub_(math.log(b * b if diag else b * (b - 1))), e, total
 
 
-class _InfoNCEFromPdist(torch.autograd.Function):
-    """InfoNCE-l2 from the B(B-1)/2 distances of ``torch.nn.functional.pdist`` (not squared).
+# pdist's own backward kernel (the one its autograd formula calls); a recomputation through
+# autograd stands in should a torch build not expose it.
+_PDIST_BACKWARD = getattr(torch.ops.aten, "_pdist_backward", None)
 
-    For small batches: pdist computes each distance from z_i - z_j (exact for near-duplicate
-    pairs, and its autograd backward too), and with a handful of pairs this costs less than
-    the Gram path's extra small operations. Both triangles count (d_ij = d_ji), plus the
-    diagonal when ``diag``.
+
+class _InfoNCEPdist(torch.autograd.Function):
+    """InfoNCE-l2 from the B(B-1)/2 distances of ``torch.nn.functional.pdist``, for small B.
+
+    pdist computes each distance from z_i - z_j (exact for near-duplicate pairs, and so is
+    its backward), and with a handful of pairs this costs less than the Gram path's fixed
+    cost. Both triangles count (d_ij = d_ji), plus the diagonal when ``diag``. One autograd
+    node: the backward calls pdist's backward kernel directly.
     """
 
     @staticmethod
-    def forward(ctx, pd: Tensor, b: int, coef: float, diag: bool) -> Tensor:  # type: ignore[override]
-        loss, e, total = _infonce_from_pdist(pd, b, coef, diag)
-        ctx.save_for_backward(e, total, pd)
-        ctx.coef = coef
+    def forward(ctx, z: Tensor, coef: float, diag: bool, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        zz = z if z.dtype == dtype else z.to(dtype)
+        pd = torch.nn.functional.pdist(zz)
+        # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
+        if not math.isfinite(pd.sum().item()):
+            _check_finite(z, "z")
+        loss, e, total = _infonce_from_pdist(pd, z.shape[0], coef, diag)
+        # dL/dpd_k = (2 e_k / total) * dx_k/dpd_k, x_k = -coef pd_k^2 (both triangles).
+        grad_pd = e.mul_(pd).mul_(total.reciprocal().mul_(-4 * coef))
+        ctx.save_for_backward(zz, pd, grad_pd)
+        ctx.in_dtype = z.dtype
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        e, total, pd = ctx.saved_tensors
-        # dL/dx_k = 2 e_k / total (both triangles), x_k = -coef pd_k^2.
-        return e * pd * (grad_out / total).mul_(-4 * ctx.coef), None, None, None
+        zz, pd, grad_pd = ctx.saved_tensors
+        grad_pd = grad_pd * grad_out
+        if _PDIST_BACKWARD is not None:
+            grad = _PDIST_BACKWARD(grad_pd, zz, 2.0, pd)
+        else:
+            with torch.enable_grad():
+                zr = zz.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(torch.nn.functional.pdist(zr), zr, grad_pd)
+        return grad.to(ctx.in_dtype), None, None, None
 
 
 def _use_pdist(b: int, dim: int) -> bool:
@@ -623,11 +641,7 @@ def _dispersive_2d(
         b, dim = z.shape
         coef = (1 / dim if normalize_by_dim else 1.0) / tau
         if _use_pdist(b, dim):
-            pd = torch.nn.functional.pdist(z if z.dtype == dtype else z.to(dtype))
-            # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
-            if not math.isfinite(pd.detach().sum().item()):
-                _check_finite(z, "z")
-            return _InfoNCEFromPdist.apply(pd, b, coef, include_diagonal)
+            return _InfoNCEPdist.apply(z, coef, include_diagonal, dtype)
         return _InfoNCEL2.apply(z, coef * tau, tau, include_diagonal, dtype)
     dis = _dissimilarity(z, variant, normalize_by_dim, dtype)
     if variant == "hinge":
