@@ -155,6 +155,11 @@ def test_value_and_gradient_match_float64_with_duplicates(
         got = dispersive_loss(z32, variant=variant, **kw)
         got.backward()
     floor = oracle_floor(tau, z)
+    if variant == "hinge":
+        # A pair just inside the margin has gradient 4 (m - d) (z_i - z_j) / N_pairs, and
+        # float32 knows m - d only to ~eps * m: when the active pairs all sit near the kink
+        # that is all of the gradient. Judge it against the rounding of m - d.
+        floor += 1e-6 * 4 * margin * 2 * float(z.abs().max()) / (b * (b - 1))
     if variant == "covariance":
         # Its gradient has no pair terms; when duplicates leave the centred batch rank 1
         # (B = 3, or two duplicate pairs at B = 4) the loss is stationary up to the 1e-5
