@@ -13,10 +13,11 @@ Nothing is downloaded: the VAE has random weights, and the Inception network of 
 replaced by a fixed random feature map (the real one is a 100 MB file); the rest of `eval`
 (reading, statistics, Fréchet distance, IS, KID, precision/recall) runs as it does on ImageNet.
 
-Oracles: the shards equal each image encoded on its own; the multi-node run must equal the single-node run (same global batch, seed and rank
-slices, so the same numbers; a rank that used LOCAL_RANK where RANK is meant would see another
-slice of the data and noise); the samples must be the decoder's output for the latents the
-sampler produced (not clamped); the FID must equal a float64 computation from the features.
+Oracles: the shards equal each image encoded on its own; the multi-node run must equal the
+single-node run (same global batch, seed and rank slices, so the same numbers; a rank that
+used LOCAL_RANK where RANK is meant would see another slice of the data and noise); the
+samples must be the decoder's output for the latents the sampler produced (not clamped); the
+FID must equal a float64 computation from the features.
 A rank that hangs at exit (seen before train/distributed.py kept the process group referenced
 until exit) fails the test after TIMEOUT instead of blocking the suite.
 """
