@@ -108,6 +108,19 @@ def run(*, model_name: str, batch: int, steps: int, repeats: int, cfg_scale: flo
     return rows
 
 
+def _below_zero_note(rows: list[dict]) -> str:
+    """A sampler cannot be faster than its own forwards: an interval wholly below 0 measures a
+    bias of the machine (load that differed between the two loops), not a saving."""
+    low = [r["method"] for r in rows if r["overhead"][2] < 0]
+    if not low:
+        return ""
+    return (
+        f"\n\n{', '.join(low)}: the whole interval is below 0, which no sampler can do (it runs "
+        "the same forwards and more); the load differed between the two loops there, so "
+        "these figures carry a bias of that size. Rerun on a quiet machine."
+    )
+
+
 def report(rows: list[dict], *, args: argparse.Namespace, threads: int) -> str:
     table = markdown_table(
         ["sampler", "NFE", "sampler ms/image", "model-only ms/image", "overhead", "< 3 %"],
@@ -133,7 +146,7 @@ def report(rows: list[dict], *, args: argparse.Namespace, threads: int) -> str:
         "overhead = sampler / model-only - 1 within a round. Figures: median over rounds "
         "(a distribution-free ~95% interval of the median); the verdict on the target (< 3 %) "
         'is "met" / "not met" only when the whole interval is on one side of it, '
-        '"within noise" otherwise.\n\n' + table
+        '"within noise" otherwise.\n\n' + table + _below_zero_note(rows)
     )
 
 
