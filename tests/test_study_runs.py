@@ -301,3 +301,19 @@ def test_arm_labels_tell_apart_what_the_screen_varies():
     }
     assert len(labels) == 4
     assert tables._label({**base, "include_diagonal": True}) == tables._label(base)
+
+
+def test_every_kept_run_keeps_its_folder_name_under_todays_config():
+    """Run folders are named by a hash of what they train; a config key added since the runs
+    were kept (with a default that trains as before) must not rename them, or `make study`
+    would train every kept run again under a new name."""
+    import tomllib
+
+    from dispersive.experiments.grid import run_hash
+    from dispersive.train.config import config_from_dict
+
+    kept = sorted((SCRIPT.parents[1] / "results").glob("*/*-s*/config.toml"))
+    assert len(kept) >= 57  # 51 first-pass runs, 4 long runs, the screen's first 2
+    for path in kept:
+        cfg = config_from_dict(tomllib.loads(path.read_text()), source=str(path))
+        assert run_hash(cfg) == path.parent.name.rsplit("-s", 1)[0], path

@@ -43,7 +43,8 @@ content of the resolved training config instead (``outdir/shared_runs/<hash>-s<s
 grids that contain the same run (the baseline of Tables 2, 3 and 4, say) train it once. The
 hash leaves out what does not change the training itself: the step budget (a larger
 ``train.steps`` extends a run), logging and checkpoint intervals, ``eval.every`` and the run's
-name and folder.
+name and folder; and a config key added after the kept runs were named, while it holds its
+default (so that adding an option does not rename, and retrain, every kept run).
 """
 
 from __future__ import annotations
@@ -360,14 +361,40 @@ _NOT_IDENTITY = {
 }  # fmt: skip
 
 
+# The config keys the run hash was first defined over (2026-12-02, when the study's kept runs in
+# results/ were named). A key added since enters the hash only when its value differs from its
+# default: a new option that leaves training as it was must not rename every run folder (the
+# kept runs would no longer be found, and would be trained again under new names).
+_HASH_KEYS_V1 = {
+    "model": "in_channels input_size name num_classes overrides",
+    "data": "hflip name num_workers path synthetic_size",
+    "objective": "adaptive_p cfg_kappa cfg_omega cfg_t_max cfg_t_min kind label_dropout path "
+    "ratio_r_neq_t t_dist t_mean t_std two_view two_view_gap",
+    "dispersive": "contrastive group_size include_diagonal layers margin normalize_by_dim scope "
+    "tau variant weight",
+    "optim": "betas ema_decay ema_warmup grad_clip lr warmup_steps weight_decay",
+    "train": "ckpt_every compile device dist_timeout_s global_batch keep_last log_every "
+    "max_nonfinite outdir precision run_name seed steps",
+    "sample": "cfg_interval cfg_scale sampler seed steps",
+    "eval": "every features num_samples",
+}
+
+
 def run_hash(cfg) -> str:
     """10 hex digits naming what a resolved config trains (see the module doc)."""
     import hashlib
     import json
 
-    from dispersive.train.config import config_to_dict
+    from dispersive.train.config import Config, config_to_dict
 
-    d = config_to_dict(cfg)
+    d, default = config_to_dict(cfg), config_to_dict(Config())
+    for section, values in d.items():
+        known = _HASH_KEYS_V1.get(section, "").split()
+        for k in list(values):
+            if k not in known and values[k] == default[section].get(k):
+                del values[k]
+        if not values and section not in _HASH_KEYS_V1:
+            del d[section]
     for section, keys in _NOT_IDENTITY.items():
         for k in keys:
             d[section].pop(k, None)
