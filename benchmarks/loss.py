@@ -196,11 +196,17 @@ def _format_row(row: dict) -> str:
 
 
 def _dim_label(dim: int) -> str:
-    return f"{dim / 1024:g}K" if dim % 1024 == 0 else str(dim)
+    return f"{dim:,}"
 
 
 def report(
-    rows: list[dict], *, threads: list[int], budget_s: float, quick: bool, clock: str
+    rows: list[dict],
+    *,
+    threads: list[int],
+    budget_s: float,
+    quick: bool,
+    clock: str,
+    machine: str,
 ) -> str:
     bs = sorted({r["B"] for r in rows})
     ds = sorted({r["D"] for r in rows})
@@ -215,7 +221,7 @@ def report(
     lines = [
         "## Dispersive loss: forward + backward vs the authors' formulation",
         "",
-        f"`{cmd}`; {machine_info(threads[-1])}; float32, tau = {TAU:g}, InfoNCE-l2 with the "
+        f"`{cmd}`; {machine}; float32, tau = {TAU:g}, InfoNCE-l2 with the "
         f"diagonal; {what}. Rounds alternate the two implementations; the speed-up is the "
         "median over rounds of authors / ours in the same round, with its 95% interval in "
         f"brackets (3-61 rounds per point, about {budget_s:g} s each). Verdicts compare the "
@@ -288,7 +294,7 @@ def report(
                 f"{r['t_authors_ms']:.3g}",
                 f"{r['t_ours_ms']:.3g}",
                 f"{r['speedup']:.2f}x ({r['speedup_lo']:.2f}-{r['speedup_hi']:.2f})",
-                f"{r['speedup_of_min']:.2f}x",
+                f"{r['speedup_of_min']:.2f}x" if "speedup_of_min" in r else "",
                 f"{r['mem_authors_x']:.2f}" if "mem_authors_x" in r else "",
                 f"{r['mem_dispersive_x']:.2f}" if "mem_dispersive_x" in r else "",
             ]
@@ -315,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"markdown file to update (default {DEFAULT_REPORT} unless --quick)",
     )
+    p.add_argument("--json", type=Path, default=None, help="also save the measurements here")
+    p.add_argument(
+        "--from-json", type=Path, default=None, help="only write the report of saved measurements"
+    )
     p.add_argument("--child", nargs=3, metavar=("IMPL", "B", "D"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -322,20 +332,42 @@ def main(argv: list[str] | None = None) -> int:
         impl, b, dim = args.child
         child_main(impl, int(b), int(dim))
         return 0
-    grid = QUICK_GRID if args.quick else FULL_GRID
-    budget = args.budget or (0.5 if args.quick else 2.0)
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    rows = run(grid, args.threads, budget, memory=not args.no_memory, clock=args.clock)
-    text = report(rows, threads=args.threads, budget_s=budget, quick=args.quick, clock=args.clock)
-    text += (
-        f"\n\nWall time of this run: {(time.perf_counter() - t0) / 60:.1f} min; 1-minute load "
-        f"average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, on "
-        f"{os.cpu_count()} logical CPUs (above the thread count, other processes shared the "
-        "cores: timings, above all at 2 threads, then measure the scheduler as much as the code)."
+    if args.from_json:
+        meta = json.loads(args.from_json.read_text())
+    else:
+        grid = QUICK_GRID if args.quick else FULL_GRID
+        budget = args.budget or (0.5 if args.quick else 2.0)
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        machine = machine_info(args.threads[-1])
+        rows = run(grid, args.threads, budget, memory=not args.no_memory, clock=args.clock)
+        meta = {
+            "rows": rows,
+            "threads": args.threads,
+            "budget": budget,
+            "quick": args.quick,
+            "clock": args.clock,
+            "machine": machine,
+            "note": f"Wall time of this run: {(time.perf_counter() - t0) / 60:.1f} min; "
+            f"1-minute load average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at "
+            f"the end, on {os.cpu_count()} logical CPUs (above the thread count, other "
+            "processes shared the cores: timings, above all at 2 threads, then measure the "
+            "scheduler as much as the code).",
+        }
+        if args.json:
+            args.json.write_text(json.dumps(meta, indent=1))
+    rows = meta["rows"]
+    text = report(
+        rows,
+        threads=meta["threads"],
+        budget_s=meta["budget"],
+        quick=meta["quick"],
+        clock=meta["clock"],
+        machine=meta["machine"],
     )
+    text += "\n\n" + meta["note"]
     print()
     print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
+    output = args.output or (None if meta["quick"] else DEFAULT_REPORT)
     if output is not None:
         write_markdown_section(output, "loss", text)
         print(f"\nwrote section 'loss' of {output}")
