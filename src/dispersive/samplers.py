@@ -351,7 +351,7 @@ def ddpm_sample(
             variance values v in [-1, 1]) if ``learn_sigma`` else eps (B, C, ...). k is a float
             tensor of ORIGINAL step indices (0..T-1) even after respacing, as DiT expects.
         x: noise at the last step, (B, C, ...).
-        schedule: a :class:`dispersive.schedules.DDPMSchedule`.
+        schedule: a :class:`dispersive.ddpm.DDPMSchedule`.
         steps: number of sampling steps (respaced evenly as DiT); None = all T steps.
         learn_sigma: the model predicts the variance interpolation (DiT) or not (fixed
             variance of the schedule).
@@ -402,7 +402,7 @@ def ddim_sample(
     Args:
         model_fn: as in :func:`ddpm_sample` (k: original step indices).
         x: noise, (B, C, ...).
-        schedule: a :class:`dispersive.schedules.DDPMSchedule`.
+        schedule: a :class:`dispersive.ddpm.DDPMSchedule`.
         steps: number of steps (NFE).
         eta: amount of noise, >= 0.
         learn_sigma: the model output has 2C channels (eps first).
