@@ -444,7 +444,7 @@ def runs_csv_text(grid: Grid, results: list[RunResult]) -> str:
 
 
 def _spec_text(spec: dict[str, Any]) -> str:
-    keys = ("model", "method", "steps", "nfe", "cfg_scale", "cfg_interval", "seed", "num")
+    keys = "model method steps nfe cfg_scale cfg_interval cfg_channels seed num".split()
     return "; ".join(f"{k}={spec[k]}" for k in keys if spec.get(k) is not None)
 
 
