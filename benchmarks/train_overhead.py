@@ -209,9 +209,8 @@ def measure(key: str, *, rounds: int, block: int, log_every_measured: int, seed:
     log_every = cfgs["baseline"].train.log_every
     arms = {name: Arm(cfg) for name, cfg in cfgs.items()}
     names = list(arms)
-    for name in names:  # warm-up: first-call allocations, a logging step
-        for _ in range(2):
-            arms[name].step(1)
+    for name in names:  # warm-up: first-call allocations, on a logging step
+        arms[name].step(1)
     # samples[name][r] = [(wall, cpu, is_log), ...] of round r
     samples: dict[str, list[list[tuple[float, float, bool]]]] = {n: [] for n in names}
     for r in range(rounds):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dispersive import objectives, timesteps
-from dispersive.losses import DispersiveLoss, dispersion_stats
+from dispersive.losses import DispersiveLoss, NonFiniteInputError, dispersion_stats
 
 __all__ = ["TrainingObjective", "DispersiveTerm", "rep_norms"]
 
@@ -230,10 +230,16 @@ def rep_norms(feats: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
 
 def _guarded(loss: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     """``loss(z)``; for diverged activations a NaN term (the loop then skips the step on every
-    rank), still computed, so that collectives match across ranks."""
-    if _all_finite(z):
+    rank), still computed, so that collectives match across ranks.
+
+    The loss itself finds non-finite input (from its distances, at no extra cost) and raises
+    ``NonFiniteInputError``; a separate pass over z every step would cost more than the loss's
+    own small-group path. With global scope every rank sees the same gathered z, so all raise
+    and retry together."""
+    try:
         return loss(z)
-    return loss(z.nan_to_num(0.0, 0.0, 0.0)) * math.nan
+    except NonFiniteInputError:
+        return loss(z.nan_to_num(0.0, 0.0, 0.0)) * math.nan
 
 
 def _all_finite(z: Tensor) -> bool:
