@@ -847,12 +847,20 @@ class DispersiveLoss(nn.Module):
 class _GroupedInfoNCEFromPdist(torch.autograd.Function):
     """The mean over k groups of :class:`_InfoNCEFromPdist`, in one autograd node.
 
-    z (k g, dim) is split into k consecutive groups of g. Each group's distances come from the
-    same ``pdist`` kernel and its gradient from the same ``_pdist_backward`` kernel as one
-    ``dispersive_loss`` per group, and every other operation is the same elementwise one on a
-    (k, pairs) tensor, so the value and the gradient are those of the per-group mean bit for
-    bit, without k sets of checks, autograd nodes and host syncs (the Fashion-MNIST preset
-    calls it with 4 groups of 16 every step).
+    z (k g, dim) is split into k consecutive groups of g. Forward: each group's distances come
+    from the same ``pdist`` kernel as one ``dispersive_loss`` per group and every other
+    operation is the same elementwise one on a (k, pairs) tensor, so the value is the
+    per-group mean's bit for bit, without k sets of checks, autograd nodes and host syncs (the
+    Fashion-MNIST preset calls it with 4 groups of 16 every step).
+
+    Backward: dL/dz_i = sum_j w_ij (z_i - z_j) (w the pairs' softmax weights times the
+    chain-rule factor) is ``L @ Zc`` with the graph Laplacian L = diag(rowsum w) - w and Zc
+    the group-centred z (L has zero row sums, so centring changes nothing but the rounding):
+    one batched matmul, where ``_pdist_backward`` fills a (g - 1) x g x dim buffer per group.
+    The two differ by float32 rounding, small against the gradient while pairs are not near
+    duplicates. When any pair is (d_ij <= _NEAR (n_i + n_j), n the centred squared norms, as
+    on the Gram path), ``_pdist_backward`` (exact differences z_i - z_j) runs instead, and the
+    gradient is the per-group path's bit for bit.
     """
 
     @staticmethod
@@ -873,23 +881,39 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
             total = torch.stack([ek.sum() for ek in e]).mul_(2)
             lse = total.log().add_(top)
         losses = lse.sub_(math.log(g * g if diag else g * (g - 1)))
-        ctx.save_for_backward(zs, e, total, pd)
+        zc = None
+        if ctx.needs_input_grad[0]:
+            zc = zs - zs.mean(dim=1, keepdim=True)
+            n = torch.linalg.vector_norm(zc, dim=2).square_()  # (k, g)
+            i, j = torch.triu_indices(g, g, 1, device=z.device)  # pdist's pair order
+            if bool((pd.square() <= (n[:, i] + n[:, j]).mul_(_NEAR)).any()):
+                zc = None  # a near-duplicate pair: the exact backward
+        ctx.save_for_backward(zs, zc, e, total, pd)
         ctx.coef = coef
         return losses.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        zs, e, total, pd = ctx.saved_tensors
-        k = zs.shape[0]
+        zs, zc, e, total, pd = ctx.saved_tensors
+        k, g = zs.shape[:2]
         # As the per-group path: the mean's backward divides by k, then each group's
-        # dL/dpd = e pd (grad / total) (-4 coef), then pdist's own backward.
+        # dL/dpd = e pd (grad / total) (-4 coef) (so w_ij = e_ij (grad / total) (-4 coef)).
         c = (grad_out.expand(k) / k / total).mul_(-4 * ctx.coef)
-        gpd = e * pd * c[:, None]
-        grad = zs.new_empty(zs.shape)
-        for i in range(k):
-            grad[i] = torch.ops.aten._pdist_backward(gpd[i], zs[i], 2.0, pd[i])
-        return grad.view(-1, zs.shape[2]), None, None, None
+        if zc is None:  # pdist's own backward, exact differences
+            gpd = e * pd * c[:, None]
+            grad = zs.new_empty(zs.shape)
+            for b in range(k):
+                grad[b] = torch.ops.aten._pdist_backward(gpd[b], zs[b], 2.0, pd[b])
+            return grad.view(-1, zs.shape[2]), None, None, None
+        w = e * c[:, None]  # (k, pairs)
+        i, j = torch.triu_indices(g, g, 1, device=w.device)
+        lap = w.new_zeros(k, g, g)
+        lap[:, i, j] = w
+        lap[:, j, i] = w
+        lap.neg_().diagonal(dim1=1, dim2=2).copy_(w.new_zeros(k, g).index_add_(1, i, w)
+                                                   .index_add_(1, j, w))  # fmt: skip
+        return torch.bmm(lap, zc).view(-1, zs.shape[2]), None, None, None
 
 
 def _grouped_infonce_pdist(
