@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -203,7 +204,15 @@ def _config(file: str, overrides: list[str], batch: int):
     return cfg
 
 
-def measure(key: str, *, rounds: int, block: int, log_every_measured: int, seed: int = 0) -> dict:
+def measure(
+    key: str,
+    *,
+    rounds: int,
+    block: int,
+    log_every_measured: int,
+    seed: int = 0,
+    raw: Path | None = None,
+) -> dict:
     title, (fa, oa), (fb, ob), batch, _, _, target = SETTINGS[key]
     cfgs = {"baseline": _config(fa, oa, batch), "dispersive": _config(fb, ob, batch)}
     log_every = cfgs["baseline"].train.log_every
@@ -231,6 +240,16 @@ def measure(key: str, *, rounds: int, block: int, log_every_measured: int, seed:
         "records": {n: arms[n].last_record for n in names},
     }  # fmt: skip
     rng = random.Random(seed)
+    if raw is not None:  # every sample, before any analysis
+        raw.write_text(
+            json.dumps(
+                {
+                    "samples": samples,
+                    "term_cpu": arms["dispersive"].term_cpu,
+                    "stats_cpu": {n: arms[n].stats_cpu for n in names},
+                }
+            )
+        )
     # The term alone: its forward + backward every step, plus the difference its statistics make
     # on logging steps, as a share of the baseline's per-step CPU cost.
     d, b = arms["dispersive"], arms["baseline"]
@@ -247,7 +266,10 @@ def measure(key: str, *, rounds: int, block: int, log_every_measured: int, seed:
         boot = []
         for _ in range(2000):
             idx = [rng.randrange(rounds) for _ in range(rounds)]
-            c = {n: _costs([samples[n][j] for j in idx], i, log_every, rng=rng) for n in names}
+            picked = {n: [samples[n][j] for j in idx] for n in names}
+            if not all(any(not st[2] for rnd in picked[n] for st in rnd) for n in names):
+                continue  # no plain step drawn (tiny runs): no estimate from this resample
+            c = {n: _costs(picked[n], i, log_every, rng=rng) for n in names}
             boot.append(c["dispersive"]["cost"] / c["baseline"]["cost"] - 1)
         boot.sort()
         lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]
@@ -354,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every-measured", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--raw", type=Path, default=None, help="folder for every sample as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
@@ -362,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds, block = quick if args.quick else full
         r = measure(
             key, rounds=args.rounds or rounds, block=args.block or block,
-            log_every_measured=args.log_every_measured,
+            log_every_measured=args.log_every_measured, raw=args.raw and args.raw / f"{key}.json",
         )  # fmt: skip
         for clock in ("cpu", "wall"):
             c = r[clock]
