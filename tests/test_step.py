@@ -49,7 +49,7 @@ def test_grouped_path_is_the_per_group_mean(b, g, shape, dtype, diag,
     assert torch.equal(la, lb)
     # The gradient: a batched Laplacian matmul instead of pdist's backward (float rounding).
     scale = zb.grad.double().abs().max().clamp_min(1e-30)
-    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-8}[dtype]  # rounding
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-6}[dtype]  # rounding
     assert (za.grad.double() - zb.grad.double()).abs().max() <= tol * scale
 
 

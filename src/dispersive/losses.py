@@ -480,7 +480,8 @@ class _InfoNCEPdist(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, coef: float, diag: bool, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        zz = z if z.dtype == dtype else z.to(dtype)
+        # contiguous: pdist's backward kernel refuses strided input (a transposed z, say).
+        zz = (z if z.dtype == dtype else z.to(dtype)).contiguous()
         pd = torch.nn.functional.pdist(zz)
         # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
         if not math.isfinite(pd.sum().item()):
@@ -897,16 +898,17 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         zs, zc, e, total, pd = ctx.saved_tensors
         k, g = zs.shape[:2]
-        # As the per-group path: the mean's backward divides by k, then each group's
-        # dL/dpd = e pd (grad / total) (-4 coef) (so w_ij = e_ij (grad / total) (-4 coef)).
-        c = (grad_out.expand(k) / k / total).mul_(-4 * ctx.coef)
-        if zc is None:  # pdist's own backward, exact differences
-            gpd = e * pd * c[:, None]
+        # As the per-group path: dL/dpd = e pd (-4 coef / total) times the mean's backward
+        # (grad / k), so w_ij = e_ij (-4 coef / total) (grad / k).
+        r = total.reciprocal().mul_(-4 * ctx.coef)[:, None]
+        g_k = (grad_out.expand(k) / k)[:, None]  # the mean's backward
+        if zc is None:  # pdist's own backward (exact differences), as _InfoNCEPdist
+            gpd = e.mul(pd).mul_(r).mul_(g_k)
             grad = zs.new_empty(zs.shape)
             for b in range(k):
                 grad[b] = torch.ops.aten._pdist_backward(gpd[b], zs[b], 2.0, pd[b])
             return grad.view(-1, zs.shape[2]), None, None, None
-        w = e * c[:, None]  # (k, pairs)
+        w = e.mul(r).mul_(g_k)  # (k, pairs)
         i, j = torch.triu_indices(g, g, 1, device=w.device)
         lap = w.new_zeros(k, g, g)
         lap[:, i, j] = w
