@@ -69,6 +69,7 @@ ensure_importable()
 import torch  # noqa: E402
 
 CONFIGS = REPO / "configs"
+MIN_PLAIN = 6  # plain steps per arm below which the whole-step comparison gets no verdict
 SIT_S2 = [
     'model.name="SiT-S/2"',
     "model.input_size=32",
@@ -293,7 +294,10 @@ def measure(
             )
         result[clock] = {
             "arms": per_arm, "overhead": point, "lo": lo, "hi": hi,
-            "verdict": verdict(lo, hi, target, below=True),
+            # A bootstrap over a handful of steps has no idea of the noise: no verdict then.
+            "verdict": verdict(lo, hi, target, below=True)
+            if min(a["n_plain"] for a in per_arm.values()) >= MIN_PLAIN
+            else f"too few steps (< {MIN_PLAIN} plain per arm)",
         }  # fmt: skip
     return result
 
