@@ -74,7 +74,20 @@ def _lambda_tau_arm(run_dir: Path) -> str | None:
     return f"lambda={d['weight']} tau={d['tau']}" if d["variant"] == "infonce_l2" else None
 
 
-GRIDS = {"variants": _arm, "blocks": _block_arm, "lambda-tau": _lambda_tau_arm}
+def _any_arm(run_dir: Path) -> str | None:
+    """Any grid's arm (the screen's): "baseline" or the arm's settings (``_label``)."""
+    d = _dispersive(run_dir)
+    if d is None:
+        return None
+    return "baseline" if d["weight"] == 0 else _label(d)
+
+
+GRIDS = {
+    "variants": _arm,
+    "blocks": _block_arm,
+    "lambda-tau": _lambda_tau_arm,
+    "screen": _any_arm,
+}
 
 
 def _run_dirs(runs: Path) -> list[Path]:
