@@ -148,6 +148,10 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     rows = tables.dispersion(tmp_path, grid="lambda-tau").splitlines()
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| baseline", "| lambda=1.0 tau=2.0"]
     assert rows[3].startswith("| lambda=1.0 tau=2.0 | 1 | 5.00 |")
+    # The screen's grid takes every run, named by its settings; baselines are pooled.
+    rows = tables.dispersion(tmp_path, grid="screen").splitlines()
+    assert len(rows) == 2 + 1 + 5 and rows[2].startswith("| baseline | 2 | 2.00 |")
+    assert any(r.startswith("| Hinge, lambda=1.0, tau=0.5, blocks.0 | 1 | 0.00 |") for r in rows)
     assert tables.long(tmp_path).splitlines()[2] == "| 4,000 | 30.0 / – | 30.0 / – | – |"
     # Paired with the baseline of the same seed (proxy FID 30 + weight at step 4000).
     rows = {r.split(" | ")[0][2:]: r for r in tables.paired(tmp_path).splitlines()[2:]}
