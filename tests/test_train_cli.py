@@ -134,6 +134,23 @@ def test_dry_run_refuses_what_the_loop_refuses(case, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "train"])
+def test_the_train_command_validates_once(dry_run, tmp_path, capsys, monkeypatch):
+    # One preflight per entry point: not in load_config and again in the loop.
+    import dispersive.train.config as config_module
+
+    calls = []
+    validate = config_module.validate
+    monkeypatch.setattr(
+        config_module, "validate", lambda *a, **k: calls.append(k) or validate(*a, **k)
+    )
+    argv = ["train", str(TINY), "--outdir", str(tmp_path), "--no-progress"]
+    argv += ["--set", *SMALL, "train.steps=2", "train.ckpt_every=2"]
+    assert main([*argv, "--dry-run"] if dry_run else argv) == 0, capsys.readouterr().err
+    assert len(calls) == 1 and calls[0]["model"] is not None, calls
+    assert (tmp_path / "tiny" / "done.json").exists() != dry_run
+
+
 def _bad_config(tmp_path: Path) -> str:
     p = tmp_path / "bad.toml"
     p.write_text(f'extends = "{TINY.as_posix()}"\n[train]\nstpes = 3\n')

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.report_only:
         failures = run_grids(
             grids, jobs=args.jobs, threads=args.threads, status_every=args.status_every,
-            on_grid_done=report, reverse=args.reverse, keep=keep,
+            on_grid_done=report, reverse=args.reverse, keep=keep, cfgs=cfgs,
         )  # fmt: skip
     for g in grids:  # every report, also of grids with failed runs (those show as missing)
         if g.path not in reports or failures:

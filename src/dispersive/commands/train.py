@@ -54,9 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_run(args: argparse.Namespace):
-    """``(cfg, run_dir, resume)`` from the parsed arguments; every user mistake is a UserError."""
+    """``(cfg, run_dir, resume)`` from the parsed arguments; every user mistake is a UserError.
+
+    The config passes the one preflight here (for this process's world size), before anything
+    is printed or written; ``run`` then tells the loop not to repeat it.
+    """
     from dispersive.train.checkpoint import latest_checkpoint
-    from dispersive.train.config import load_config
+    from dispersive.train.config import config_source, preflight, read_config
+    from dispersive.train.distributed import env_world_size
     from dispersive.train.rundir import CONFIG_FILE, DONE_FILE
 
     if args.resume and args.config:
@@ -79,7 +84,9 @@ def resolve_run(args: argparse.Namespace):
                 f"--resume {run_dir}: {cfg_file.name} is missing, so this is not a run directory "
                 "written by `dispersive train`; start a new run with `dispersive train CONFIG`"
             )
-        return load_config(cfg_file, args.overrides), run_dir, True
+        cfg = read_config(cfg_file, args.overrides)
+        preflight(cfg, world_size=env_world_size(), source=config_source(cfg_file))
+        return cfg, run_dir, True
     stray = [o for o in args.overrides if "=" not in o]
     if stray:
         raise UserError(
@@ -90,7 +97,8 @@ def resolve_run(args: argparse.Namespace):
         raise UserError(
             "dispersive train needs a CONFIG file (e.g. configs/tiny.toml) or --resume RUN_DIR"
         )
-    cfg = load_config(args.config, args.overrides)
+    cfg = read_config(args.config, args.overrides)
+    preflight(cfg, world_size=env_world_size(), source=config_source(args.config))
     if args.outdir:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, outdir=args.outdir))
     run_dir = Path(cfg.train.outdir) / (cfg.train.run_name or Path(args.config).stem)
@@ -106,16 +114,13 @@ def resolve_run(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dispersive train``; returns the exit status."""
-    from dispersive.train.config import dump_toml, per_device_batch, preflight
+    from dispersive.train.config import dump_toml, per_device_batch
     from dispersive.train.distributed import env_world_size
 
-    cfg, run_dir, resume = resolve_run(args)
+    cfg, run_dir, resume = resolve_run(args)  # preflight done: --dry-run and train() rely on it
     world = env_world_size()
     is_main = os.environ.get("RANK", "0") == "0"
     local_batch = per_device_batch(cfg, world)
-    if args.dry_run:
-        # The loop's own checks: train() makes them (once) before its process group is up.
-        preflight(cfg, world_size=world)
     if is_main:
         print(f"# run directory: {run_dir}{' (resume)' if resume else ''}")
         print(f"# world size {world}, per-device batch {local_batch}")
@@ -127,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dispersive.train.loop import train
 
-    summary = train(cfg, run_dir=run_dir, resume=resume, progress=not args.no_progress)
+    summary = train(
+        cfg, run_dir=run_dir, resume=resume, progress=not args.no_progress, preflighted=True
+    )
     if is_main:
         final = summary.get("final", {})
         losses = ", ".join(

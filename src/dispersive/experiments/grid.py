@@ -426,10 +426,11 @@ def _expand(grid: Grid) -> list[RunSpec]:
 
 
 def resolve_run_config(grid: Grid, run: RunSpec):
-    """The run's resolved training config (checked: keys, types, values, cross-field)."""
-    from dispersive.train.config import load_config
+    """The run's resolved training config (checked: keys, types and values; the cross-field
+    checks against the model are the one preflight of ``runner.check_grid``)."""
+    from dispersive.train.config import read_config
 
     try:
-        return load_config(grid.config, run.overrides)
+        return read_config(grid.config, run.overrides)
     except UserError as e:
         raise UserError(f"run {run.name} of {grid.path.name}: {e}") from None

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +179,7 @@ def check_grid(grid: Grid) -> dict[str, object]:
     Raises:
         UserError: the first run whose config is wrong, naming the run.
     """
-    from dispersive.train.config import meta_model, model_kwargs, preflight
+    from dispersive.train.config import config_source, meta_model, model_kwargs, preflight
 
     cfgs: dict[str, object] = {}
     models: dict[str, object] = {}
@@ -189,7 +189,9 @@ def check_grid(grid: Grid) -> dict[str, object]:
         if key not in models:
             models[key] = meta_model(cfg.model)
         try:
-            preflight(cfg, world_size=grid.nproc, model=models[key])
+            preflight(
+                cfg, world_size=grid.nproc, model=models[key], source=config_source(grid.config)
+            )
         except UserError as e:
             raise UserError(f"run {run.name} of {grid.path.name}: {e}") from None
         cfgs[run.name] = cfg
@@ -529,6 +531,7 @@ def run_grids(
     on_grid_done: Callable[[Grid], None] | None = None,
     reverse: bool = False,
     keep: Callable[[RunSpec], bool] | None = None,
+    cfgs: Mapping[Path, Mapping[str, object]] | None = None,
 ) -> list[tuple[RunSpec, str]]:
     """Bring every run of the grids to its final state (train, samples, final evaluation).
 
@@ -545,16 +548,19 @@ def run_grids(
             write its report while the other grids go on.
         reverse: work through the queue from its end (for a second process on the same grids).
         keep: run only the runs it accepts (:func:`select_runs`: some arms or seeds first).
+        cfgs: ``{grid.path: check_grid(grid)}`` when the caller has checked the grids already
+            (each config is preflighted once); checked here otherwise.
 
     Returns:
         ``[(run, error message)]`` of the runs that failed (empty when all finished).
     """
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    cfgs = {}
+    checked = {}
     for g in grids:
-        cfgs[g.path] = check_grid(g)
+        checked[g.path] = check_grid(g) if cfgs is None else cfgs[g.path]
         _check_eval_files(g)
+    cfgs = checked
     nproc = max(g.nproc for g in grids)
     threads = threads or max(1, available_cpus() // (jobs * nproc))
     env = _child_env(threads)

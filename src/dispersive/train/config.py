@@ -57,6 +57,8 @@ __all__ = [
     "SECTIONS",
     "CHOICES",
     "load_config",
+    "read_config",
+    "config_source",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
@@ -472,6 +474,29 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(base, raw, where)
 
 
+def read_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config file and apply ``--set`` overrides, checking keys, types and values.
+
+    The cross-field checks are left to the caller's one :func:`preflight` (the train command,
+    the experiment runner); :func:`load_config` makes them at once.
+
+    Args:
+        path: a .toml file, or None for all defaults.
+        overrides: strings ``"section.key=<TOML literal>"``; ``model.overrides.<name>=<literal>``
+            sets one entry of the free ``model.overrides`` table.
+
+    Raises:
+        UserError: unknown key, wrong type or invalid value, in one line.
+    """
+    d = _read_toml(Path(path)) if path is not None else {}
+    return apply_overrides(_build(d), overrides, _validate=False)
+
+
+def config_source(path: str | Path | None) -> str:
+    """How errors name where a config came from (``read_config``'s ``path``)."""
+    return str(path) if path is not None else "the defaults"
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a TOML config file (differences from the defaults) and apply ``--set`` overrides.
 
@@ -486,14 +511,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     Raises:
         UserError: a one-line message naming the problem and the fix.
     """
-    d = _read_toml(Path(path)) if path is not None else {}
-    source = str(path) if path is not None else "the defaults"
-    cfg = _build(d)
-    cfg = apply_overrides(cfg, overrides, _validate=False)
+    cfg = read_config(path, overrides)
     try:
         validate(cfg)
     except UserError as e:
-        raise UserError(f"{e} (config: {source})") from None
+        raise UserError(f"{e} (config: {config_source(path)})") from None
     return cfg
 
 
@@ -627,23 +649,34 @@ def meta_model(model_cfg: ModelConfig) -> Any:
         return build(**model_kwargs(model_cfg))
 
 
-def preflight(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
+def preflight(
+    cfg: Config, *, world_size: int = 1, model: Any = None, source: str | None = None
+) -> None:
     """Every check the training loop makes, before any work starts (no process group, no data).
 
     The one check shared by ``dispersive train`` (also ``--dry-run``), the experiment runner
     and :func:`dispersive.train.loop.train`: :func:`validate` against the model built on the
-    meta device for ``world_size`` ranks.
+    meta device for ``world_size`` ranks. Each entry point runs it once, on a config from
+    :func:`read_config` (which checks keys, types and values only).
 
     Args:
         cfg: the resolved config.
         world_size: number of ranks the run will use.
         model: the model to check against (default: :func:`meta_model` of ``cfg.model``); a
             caller checking many configs of one model can build it once.
+        source: where the config came from (:func:`config_source`), named in the error.
 
     Raises:
         UserError: a one-line message naming the problem and the fix.
     """
-    validate(cfg, world_size=world_size, model=meta_model(cfg.model) if model is None else model)
+    try:
+        validate(
+            cfg, world_size=world_size, model=meta_model(cfg.model) if model is None else model
+        )
+    except UserError as e:
+        if source is None:
+            raise
+        raise UserError(f"{e} (config: {source})") from None
 
 
 def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:

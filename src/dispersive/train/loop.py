@@ -82,7 +82,14 @@ def step_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def train(
+    cfg: Config,
+    *,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    preflighted: bool = False,
+) -> dict:
     """Train a model as the config says; rank 0 writes everything under ``run_dir``.
 
     Works as one plain process and under ``torchrun`` (one process per device, DDP).
@@ -95,6 +102,9 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
             RNG states, data position) with ``cfg``, which may differ (e.g. more train.steps).
             Without a checkpoint the run starts at step 0.
         progress: show a tqdm progress bar (rank 0).
+        preflighted: the caller already ran :func:`~dispersive.train.config.preflight` on
+            ``cfg`` for this world size (``dispersive train`` does, before it prints the
+            config); otherwise it runs here.
 
     Returns:
         The summary also written to ``RUN_DIR/done.json``: steps, wall time, final metrics.
@@ -111,7 +121,8 @@ def train(cfg: Config, *, run_dir: str | Path, resume: bool = False, progress: b
 
     # ---- Checks, then distributed setup --------------------------------------------------------
     # Every check runs before any process group exists, so every rank fails the same way.
-    preflight(cfg, world_size=env_world_size())
+    if not preflighted:
+        preflight(cfg, world_size=env_world_size())
     local_batch = per_device_batch(cfg, env_world_size())
     info = init_distributed(device=tr.device, timeout_s=tr.dist_timeout_s)
     rank, world, device = info.rank, info.world_size, info.device
