@@ -541,6 +541,9 @@ def test_dispersion_stats_against_oracle():
     assert 0 < stats["active_frac"] < 1  # the data was chosen to have both kinds of pairs
     assert_rel(stats["rep_norm"], np.linalg.norm(zd, axis=1).mean())
     assert z.grad is None
+    # The distance half alone (what a training step logs beside its own loss): the same values.
+    distances = losses.distance_stats(z, tau=tau)
+    assert distances == {k: stats[k] for k in ("mean_dist", "min_dist", "active_frac", "rep_norm")}
 
 
 def test_dispersion_stats_without_dim_normalisation():

@@ -61,6 +61,7 @@ __all__ = [
     "dispersive_loss",
     "contrastive_loss",
     "dispersion_stats",
+    "distance_stats",
     "NonFiniteInputError",
 ]
 
@@ -1025,26 +1026,53 @@ def dispersion_stats(
     Returns:
         ``loss``: InfoNCE-l2 dispersive loss with the diagonal, in [-log B, 0];
         ``floor_gap``: ``loss + log B`` (0 when every pair is far apart);
+        and the keys of :func:`distance_stats` (``mean_dist``, ``min_dist``, ``active_frac``,
+        ``rep_norm``), from the same distances.
+    """
+    z2, d = _stats_distances(z, tau, normalize_by_dim)
+    with _no_autocast(z2.device):
+        loss = float(_reduce_infonce(d, tau, include_diagonal=True))
+    return {"loss": loss, "floor_gap": loss + math.log(z2.shape[0]), **_from_distances(z2, d, tau)}
+
+
+@torch.no_grad()
+def distance_stats(
+    z: Tensor, *, tau: float = 0.5, normalize_by_dim: bool = True
+) -> dict[str, float]:
+    """The distance half of :func:`dispersion_stats`, without its loss (a training step that
+    has computed its own dispersive loss logs that one).
+
+    Args:
+        z: activations (B, ...), B >= 2, flattened per sample.
+        tau: temperature of ``active_frac``.
+        normalize_by_dim: divide squared distances by ``dim``, as in the loss.
+
+    Returns:
         ``mean_dist``, ``min_dist``: mean and minimum off-diagonal distance ``dist_ij``;
         ``active_frac``: fraction of off-diagonal pairs with ``exp(-dist_ij / tau) > 1e-3``
         (the pairs that still produce gradient);
         ``rep_norm``: mean l2 norm of the flattened samples (not divided by sqrt(dim)).
     """
+    return _from_distances(*_stats_distances(z, tau, normalize_by_dim), tau)
+
+
+def _stats_distances(z: Tensor, tau: float, normalize_by_dim: bool) -> tuple[Tensor, Tensor]:
+    """Checked, flattened z (B, D) and its InfoNCE-l2 distances (B, B) in the compute dtype."""
     _check_options("infonce_l2", tau, 1.0, "local")
     z2 = _flatten(z)
-    b = z2.shape[0]
-    _check_batch(b, "local")
+    _check_batch(z2.shape[0], "local")
     _check_finite(z2, "z")
+    with _no_autocast(z2.device):
+        return z2, _dissimilarity(z2, "infonce_l2", normalize_by_dim, _compute_dtype(z2))
+
+
+def _from_distances(z2: Tensor, d: Tensor, tau: float) -> dict[str, float]:
     dtype = _compute_dtype(z2)
     with _no_autocast(z2.device):
-        d = _dissimilarity(z2, "infonce_l2", normalize_by_dim, dtype)
-        loss = _reduce_infonce(d, tau, include_diagonal=True)
-        off = d[~_eye(b, d.device)]
+        off = d[~_eye(d.shape[0], d.device)]
         active = (torch.exp(-off / tau) > _ACTIVE_THRESHOLD).to(dtype).mean()
         rep_norm = torch.linalg.vector_norm(z2, dim=1, dtype=dtype).mean()
     return {
-        "loss": float(loss),
-        "floor_gap": float(loss) + math.log(b),
         "mean_dist": float(off.mean()),
         "min_dist": float(off.min()),
         "active_frac": float(active),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dispersive import objectives, timesteps
-from dispersive.losses import DispersiveLoss, NonFiniteInputError, dispersion_stats
+from dispersive.losses import DispersiveLoss, NonFiniteInputError, distance_stats
 
 __all__ = ["TrainingObjective", "DispersiveTerm", "rep_norms"]
 
@@ -197,7 +197,11 @@ class DispersiveTerm:
     def statistics(self, feats: dict[str, Tensor], loss_disp: Tensor | None) -> dict[str, Any]:
         """Logging steps: the term (also measured in the baseline), its gap to the floor
         -log(group), and on the first group the share of pairs that still give gradient and
-        the mean distance. The same keys on every rank (NaN when diverged)."""
+        the mean distance. The same keys on every rank (NaN when diverged).
+
+        Each is computed once: the term is the step's own (``loss_disp``) when it has one, the
+        floor gap reuses it for InfoNCE-l2, and the distances give only the distance
+        statistics (:func:`~dispersive.losses.distance_stats`, no loss of their own)."""
         first = self.layers[0] if self.layers else None
         if first not in feats or self.contrastive:
             return {} if loss_disp is None else {"loss_disp": loss_disp}
@@ -206,7 +210,7 @@ class DispersiveTerm:
         l2 = ld if self.floor_loss is self.loss else _guarded(self.floor_loss, z)
         stats = {"active_frac": math.nan, "mean_dist": math.nan}
         if _all_finite(z):
-            stats = dispersion_stats(
+            stats = distance_stats(
                 z[: self.group], tau=self.tau, normalize_by_dim=self.normalize_by_dim
             )
         return {
