@@ -11,11 +11,13 @@
   kernel's high-water mark (``/proc/self/clear_refs``) after its setup and reads ``VmHWM``.
 - :func:`write_markdown_section`: replace (or append) the text between
   ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in a shared markdown file, so several
-  benchmarks can write their own section of ``docs/benchmarks.md``.
+  benchmarks can write their own section of ``docs/benchmarks.md``; :func:`add_output_argument`
+  and :func:`publish`: every benchmark's ``--output`` option and where its section goes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -30,6 +32,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = REPO / "docs" / "benchmarks.md"
+# `--set` overrides: SiT-S/2 (paper Table 8, 33M parameters, 256 tokens) on synthetic
+# 32x32x4 "latents", the ImageNet-256 latent shape
+SIT_S2_LATENTS = [
+    'model.name="SiT-S/2"',
+    "model.input_size=32",
+    "model.in_channels=4",
+    "model.num_classes=1000",
+    'data.name="synthetic"',
+    "data.synthetic_size=256",
+]
 
 
 def ensure_importable() -> None:
@@ -217,6 +229,26 @@ def write_markdown_section(path: Path, name: str, body: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """``--output FILE``: the markdown file whose section the benchmark rewrites."""
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"markdown file to update (default {DEFAULT_REPORT} unless --quick)",
+    )
+
+
+def publish(text: str, section: str, output: Path | None, *, quick: bool) -> None:
+    """Print ``text`` and write it as section ``section`` of ``output``; without ``output``, of
+    the default report, except for a quick (smoke) run, which only prints."""
+    print(f"\n{text}", flush=True)
+    output = output or (None if quick else DEFAULT_REPORT)
+    if output is not None:
+        write_markdown_section(output, section, text)
+        print(f"\nwrote section '{section}' of {output}")
 
 
 # --------------------------------------------------------------------------------------------

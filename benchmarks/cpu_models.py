@@ -19,27 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        ensure_importable,
-        interleaved_medians,
-        machine_info,
-        markdown_table,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        ensure_importable,
-        interleaved_medians,
-        machine_info,
-        markdown_table,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+import common
 
-ensure_importable()
+common.ensure_importable()
 
 import torch  # noqa: E402
 
@@ -83,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--output", type=Path, default=None)
+    common.add_output_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = QUICK if args.quick else tuple(CANDIDATES)
     steppers, params = {}, {}
     for n in names:
         steppers[n], params[n] = _stepper(*CANDIDATES[n], args.batch)
-    sec = interleaved_medians(steppers, repeats=2 if args.quick else args.repeats, warmup=1)
+    sec = common.interleaved_medians(steppers, repeats=2 if args.quick else args.repeats, warmup=1)
     ref = sec[names[0]]
     rows = [
         [n, f"{params[n] / 1e6:.2f}M", f"{1e3 * sec[n]:.0f}", f"{1 / sec[n]:.2f}",
@@ -101,22 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         [
             "## CPU model choice: one training step of the small candidates",
             "",
-            f"`benchmarks/cpu_models.py`; {machine_info(args.threads)}; 28x28x1, 10 classes, "
+            f"`benchmarks/cpu_models.py`; {common.machine_info(args.threads)}; "
+            "28x28x1, 10 classes, "
             f"batch {args.batch}, flow-matching loss + backward + AdamW; median of "
             f"{args.repeats} interleaved steps.",
             "",
-            markdown_table(
+            common.markdown_table(
                 ["model", "parameters", "ms / step", "steps / s", "images / s", "vs preset"], rows
             ),
             "",
             'Quality per step of these models: docs/results.md, "Choosing the CPU preset".',
         ]
     )
-    print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
-    if output is not None:
-        write_markdown_section(output, "cpu_models", text)
-        print(f"\nwrote section 'cpu_models' of {output}")
+    common.publish(text, "cpu_models", args.output, quick=args.quick)
     return 0
 
 

@@ -29,25 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        REPO,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        REPO,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+import common
 
 
 def _blur(u, sigma: float = 1.0):
@@ -70,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=0, help="number of samples (default 10000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default="", help="Fashion-MNIST folder (default: the system one)")
-    p.add_argument("--output", default=None, help=f"markdown file (default {DEFAULT_REPORT})")
+    common.add_output_argument(p)
     args = p.parse_args(argv)
-    ensure_importable()
+    common.ensure_importable()
 
     import numpy as np
     import torch
@@ -105,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         t_full = time.perf_counter() - t0
 
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(common.REPO / "src"), env.get("PYTHONPATH", "")])
         cmd = [
             sys.executable,
             "-m",
@@ -149,21 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         "## Evaluation speed (Fashion-MNIST domain features)\n\n"
         f"`python benchmarks/eval_speed.py{' --quick' if args.quick else ''}`; "
-        f"{machine_info(args.threads)}.\n"
+        f"{common.machine_info(args.threads)}.\n"
         f"Domain classifier: test accuracy {meta['test_accuracy']:.4f}, "
         f"sha256 {meta['sha256'][:16]}..., {meta['bytes']} bytes.\n\n"
-        + markdown_table(["evaluation", "seconds"], timing)
+        + common.markdown_table(["evaluation", "seconds"], timing)
         + "\n\nFréchet distances under the domain features (lower = closer):\n\n"
-        + markdown_table(["images", "FD"], dists)
+        + common.markdown_table(["images", "FD"], dists)
         + "\n\nMetrics of the real test images vs training images: "
         + ", ".join(f"{k} {res_full[k]:.4g}" for k in ("fid", "is", "kid", "precision", "recall"))
         + f" (CLI: fid {cli_res['fid']:.4g}).\n"
     )
-    print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
-    if output:
-        write_markdown_section(Path(output), "eval", text)
-        print(f"wrote the 'eval' section of {output}")
+    common.publish(text, "eval", args.output, quick=args.quick)
     return 0
 
 

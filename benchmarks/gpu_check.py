@@ -49,11 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import REPO, ensure_importable, markdown_table, median_ci, verdict  # type: ignore
-else:
-    from .common import REPO, ensure_importable, markdown_table, median_ci, verdict
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+from common import REPO, ensure_importable, markdown_table, median_ci, verdict
 
 ensure_importable()
 

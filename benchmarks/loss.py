@@ -37,31 +37,18 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        measure_peak_extra,
-        median_ci,
-        peak_extra_bytes_in_child,
-        verdict,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        measure_peak_extra,
-        median_ci,
-        peak_extra_bytes_in_child,
-        verdict,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+from common import (
+    DEFAULT_REPORT,
+    ensure_importable,
+    machine_info,
+    markdown_table,
+    measure_peak_extra,
+    median_ci,
+    peak_extra_bytes_in_child,
+    verdict,
+    write_markdown_section,
+)
 
 ensure_importable()
 

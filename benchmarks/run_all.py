@@ -21,11 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import DEFAULT_REPORT, REPO, machine_info, write_markdown_section  # type: ignore
-else:
-    from .common import DEFAULT_REPORT, REPO, machine_info, write_markdown_section
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+from common import DEFAULT_REPORT, REPO, machine_info, write_markdown_section
 
 BENCHMARKS = ("loss", "train_step", "sampling", "train_throughput", "eval_speed", "cpu_models")
 DEMO_GRID = REPO / "configs" / "experiments" / "fmnist-demo.toml"

@@ -23,33 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        ensure_importable,
-        fmt_ci,
-        interleaved_times,
-        machine_info,
-        markdown_table,
-        median_ci,
-        verdict,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        ensure_importable,
-        fmt_ci,
-        interleaved_times,
-        machine_info,
-        markdown_table,
-        median_ci,
-        verdict,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+import common
 
-ensure_importable()
+common.ensure_importable()
 
 import torch  # noqa: E402
 
@@ -91,16 +68,18 @@ def run(*, model_name: str, batch: int, steps: int, repeats: int, cfg_scale: flo
                 for _ in range(n):
                     model(x_eval, t_eval, y_eval)
 
-            sec = interleaved_times(
+            sec = common.interleaved_times(
                 {"sampler": samplers[method], "model": model_only}, repeats=repeats
             )
             rows.append(
                 {
                     "method": method,
                     "nfe": n,
-                    "sampler_ms_per_image": median_ci([1e3 * v / batch for v in sec["sampler"]]),
-                    "model_ms_per_image": median_ci([1e3 * v / batch for v in sec["model"]]),
-                    "overhead": median_ci(
+                    "sampler_ms_per_image": common.median_ci(
+                        [1e3 * v / batch for v in sec["sampler"]]
+                    ),
+                    "model_ms_per_image": common.median_ci([1e3 * v / batch for v in sec["model"]]),
+                    "overhead": common.median_ci(
                         [a / b - 1.0 for a, b in zip(sec["sampler"], sec["model"])]
                     ),
                 }
@@ -122,16 +101,16 @@ def _below_zero_note(rows: list[dict]) -> str:
 
 
 def report(rows: list[dict], *, args: argparse.Namespace, threads: int) -> str:
-    table = markdown_table(
+    table = common.markdown_table(
         ["sampler", "NFE", "sampler ms/image", "model-only ms/image", "overhead", "< 3 %"],
         [
             [
                 r["method"],
                 r["nfe"],
-                fmt_ci(*r["sampler_ms_per_image"], "{:.2f}"),
-                fmt_ci(*r["model_ms_per_image"], "{:.2f}"),
-                fmt_ci(*(100 * v for v in r["overhead"]), "{:+.2f}", " %"),
-                verdict(r["overhead"][1], r["overhead"][2], TARGET, below=True),
+                common.fmt_ci(*r["sampler_ms_per_image"], "{:.2f}"),
+                common.fmt_ci(*r["model_ms_per_image"], "{:.2f}"),
+                common.fmt_ci(*(100 * v for v in r["overhead"]), "{:+.2f}", " %"),
+                common.verdict(r["overhead"][1], r["overhead"][2], TARGET, below=True),
             ]
             for r in rows
         ],
@@ -141,7 +120,8 @@ def report(rows: list[dict], *, args: argparse.Namespace, threads: int) -> str:
         "## Sampling overhead\n\n"
         f"{args.model} at 28x28x1, batch {args.batch}, {args.steps} steps{guidance}; "
         f"{args.repeats} rounds, each running the sampler and the model-only loop in turn. "
-        f"`benchmarks/sampling.py{' --quick' if args.quick else ''}`; {machine_info(threads)}.\n"
+        f"`benchmarks/sampling.py{' --quick' if args.quick else ''}`; "
+        f"{common.machine_info(threads)}.\n"
         "Model-only = the same number of forwards on a batch of the same shape, nothing else; "
         "overhead = sampler / model-only - 1 within a round. Figures: median over rounds "
         "(a distribution-free ~95% interval of the median); the verdict on the target (< 3 %) "
@@ -159,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per sampler")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help=f"markdown file to update (default {DEFAULT_REPORT} unless --quick)",
-    )
+    common.add_output_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.batch = args.batch or (8 if args.quick else 64)
@@ -180,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_scale=args.cfg,
     )
     text = report(rows, args=args, threads=args.threads)
-    print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
-    if output is not None:
-        write_markdown_section(output, "sampling", text)
-        print(f"\nwrote section 'sampling' of {output}")
+    common.publish(text, "sampling", args.output, quick=args.quick)
     return 0
 
 

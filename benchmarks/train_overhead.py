@@ -42,41 +42,17 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        REPO,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        verdict,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        REPO,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        verdict,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+import common
 
-ensure_importable()
+common.ensure_importable()
 
 import torch  # noqa: E402
 
-CONFIGS = REPO / "configs"
+CONFIGS = common.REPO / "configs"
 MIN_PLAIN = 6  # plain steps per arm below which the whole-step comparison gets no verdict
 SIT_S2 = [
-    'model.name="SiT-S/2"',
-    "model.input_size=32",
-    "model.in_channels=4",
-    "model.num_classes=1000",
-    'data.name="synthetic"',
-    "data.synthetic_size=256",
+    *common.SIT_S2_LATENTS,
     'dispersive.layers=["blocks.2"]',  # paper: block 3 of 12 (the first quarter of depth)
     "dispersive.group_size=16",
     "dispersive.tau=0.5",
@@ -289,13 +265,13 @@ def measure(
                 "stats_ms": (1e3 * statistics.median(b.stats_cpu),
                              1e3 * statistics.median(d.stats_cpu)),
             }  # fmt: skip
-            result["term_alone"]["verdict"] = verdict(
+            result["term_alone"]["verdict"] = common.verdict(
                 result["term_alone"]["lo"], result["term_alone"]["hi"], target, below=True
             )
         result[clock] = {
             "arms": per_arm, "overhead": point, "lo": lo, "hi": hi,
             # A bootstrap over a handful of steps has no idea of the noise: no verdict then.
-            "verdict": verdict(lo, hi, target, below=True)
+            "verdict": common.verdict(lo, hi, target, below=True)
             if min(a["n_plain"] for a in per_arm.values()) >= MIN_PLAIN
             else f"too few steps (< {MIN_PLAIN} plain per arm)",
         }  # fmt: skip
@@ -338,7 +314,7 @@ def report(results: list[dict], *, command: str, threads: int) -> str:
             f"{100 * t['share']:+.2f}% ({100 * t['lo']:+.2f} to {100 * t['hi']:+.2f})",
             f"< {100 * r['target']:.0f}%", t["verdict"],
         ])  # fmt: skip
-    table = markdown_table(
+    table = common.markdown_table(
         [
             "setting", "clock", "baseline step ms (IQR)", "dispersive step ms (IQR)",
             "logging step ms (base / disp)", "overhead (95% CI)", "target", "verdict",
@@ -351,8 +327,8 @@ def report(results: list[dict], *, command: str, threads: int) -> str:
     )
     return (
         "## Dispersive term overhead (training step)\n\n"
-        f"`{command}`; {machine_info(threads)}; float32, one process, both arms built as the "
-        "training loop builds them (same seed: same weights, data and noise) and run "
+        f"`{command}`; {common.machine_info(threads)}; float32, one process, both arms built as "
+        "the training loop builds them (same seed: same weights, data and noise) and run "
         f"interleaved in blocks of steps ({plan}). "
         "The baseline arm is the preset without the term (weight 0: its tap on every block and "
         "its logging statistics stay, as in the loop). Step = data, forward, loss, backward, "
@@ -379,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, help="steps per arm per round (default per setting)")
     p.add_argument("--log-every-measured", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", type=Path, default=None)
+    common.add_output_argument(p)
     p.add_argument("--raw", type=Path, default=None, help="folder for every sample as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -412,12 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         ["benchmarks/train_overhead.py", *(argv if argv is not None else sys.argv[1:])]
     )
     text = report(results, command=command.strip(), threads=args.threads)
-    print()
-    print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
-    if output is not None:
-        write_markdown_section(output, "train_overhead", text)
-        print(f"\nwrote section 'train_overhead' of {output}")
+    common.publish(text, "train_overhead", args.output, quick=args.quick)
     return 0
 
 

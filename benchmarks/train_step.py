@@ -41,35 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        ensure_importable,
-        fma_peak_gflops,
-        fmt_ci,
-        interleaved_times,
-        machine_info,
-        markdown_table,
-        median_ci,
-        verdict,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        ensure_importable,
-        fma_peak_gflops,
-        fmt_ci,
-        interleaved_times,
-        machine_info,
-        markdown_table,
-        median_ci,
-        verdict,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+import common
 
-ensure_importable()
+common.ensure_importable()
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -220,7 +195,7 @@ class Trainer:
 
 
 def ci(values: list[float]) -> dict:
-    mid, lo, hi = median_ci(values)
+    mid, lo, hi = common.median_ci(values)
     return {"median": mid, "lo": lo, "hi": hi, "n": len(values)}
 
 
@@ -247,7 +222,7 @@ def sampler_overhead(model: torch.nn.Module, batch: int, steps: int, repeats: in
 
     with torch.no_grad():
         fn(x, t)  # warm-up: one forward is enough, a whole sampling run would double the cost
-    sec = interleaved_times({"heun": sample, "model": pure}, repeats=repeats, warmup=0)
+    sec = common.interleaved_times({"heun": sample, "model": pure}, repeats=repeats, warmup=0)
     model.train()
     return {
         "nfe": calls,
@@ -261,7 +236,7 @@ def run(quick: bool, threads: int) -> dict:
     s = QUICK if quick else FULL
     torch.set_num_threads(threads)
     res: dict = {"settings": s, "threads": threads}
-    res["fma"] = fma_peak_gflops(threads)
+    res["fma"] = common.fma_peak_gflops(threads)
     print(
         f"FMA peak {res['fma']['gflops']:.1f} GFLOP/s ({res['fma']['cores']} cores, "
         f"{res['fma']['ghz']:.2f} GHz {res['fma']['ghz_how']})",
@@ -313,7 +288,7 @@ def run(quick: bool, threads: int) -> dict:
     for tr in (trainer, fused):
         tr.opt.zero_grad(set_to_none=True)
         tr.loss(False).backward()
-    sec = interleaved_times(
+    sec = common.interleaved_times(
         {"default": trainer.opt.step, "fused": fused.opt.step}, repeats=s["repeats"], warmup=1
     )
     res["opt_default"], res["opt_fused"] = ci(sec["default"]), ci(sec["fused"])
@@ -327,7 +302,7 @@ def run(quick: bool, threads: int) -> dict:
 
 def _ci_pct(c: dict, signed: bool = False) -> str:
     fmt = "{:+.2f}" if signed else "{:.1f}"
-    return fmt_ci(100 * c["median"], 100 * c["lo"], 100 * c["hi"], fmt, "%")
+    return common.fmt_ci(100 * c["median"], 100 * c["lo"], 100 * c["hi"], fmt, "%")
 
 
 def report(res: dict, *, threads: int, quick: bool) -> str:
@@ -354,7 +329,7 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
             [
                 f"GEMM {shape_name(sh)}",
                 where,
-                fmt_ci(g["median"], g["lo"], g["hi"], "{:.1f}", " GFLOP/s"),
+                common.fmt_ci(g["median"], g["lo"], g["hi"], "{:.1f}", " GFLOP/s"),
                 "",
                 "",
             ]
@@ -364,7 +339,7 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
         [
             "GEMM ceiling",
             "fastest shape of each round",
-            fmt_ci(c["median"], c["lo"], c["hi"], "{:.1f}", " GFLOP/s"),
+            common.fmt_ci(c["median"], c["lo"], c["hi"], "{:.1f}", " GFLOP/s"),
             "",
             "",
         ],
@@ -372,14 +347,14 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
         [
             "training step, baseline",
             f"batch {s['batch']}",
-            fmt_ci(*(res["base_step"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
+            common.fmt_ci(*(res["base_step"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
             "",
             "",
         ],
         [
             "training step, + dispersive",
             f"`{LAYER}`, lambda {LAMBDA}, tau {TAU}",
-            fmt_ci(*(res["disp_step"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
+            common.fmt_ci(*(res["disp_step"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
             "",
             "",
         ],
@@ -388,14 +363,14 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
             "per-round ratio of the two arms - 1",
             _ci_pct(res["disp_overhead"], signed=True),
             f"< {100 * TARGET_OVERHEAD:.0f}%",
-            verdict(
+            common.verdict(
                 res["disp_overhead"]["lo"], res["disp_overhead"]["hi"], TARGET_OVERHEAD, below=True
             ),
         ],  # fmt: skip
         [
             "forward + backward",
             f"{res['flops'] / 1e9:.1f} GFLOP (matmuls)",
-            fmt_ci(
+            common.fmt_ci(
                 *(res["gflops_fwdbwd"][k] for k in ("median", "lo", "hi")), "{:.1f}", " GFLOP/s"
             ),
             "",
@@ -406,14 +381,18 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
             "forward + backward",
             _ci_pct(res["rate_fwdbwd"]),
             f">= {100 * TARGET_RATE:.0f}%",
-            verdict(res["rate_fwdbwd"]["lo"], res["rate_fwdbwd"]["hi"], TARGET_RATE, below=False),
+            common.verdict(
+                res["rate_fwdbwd"]["lo"], res["rate_fwdbwd"]["hi"], TARGET_RATE, below=False
+            ),
         ],
         [
             "achieved / GEMM ceiling",
             "whole step (incl. AdamW)",
             _ci_pct(res["rate_step"]),
             f">= {100 * TARGET_RATE:.0f}%",
-            verdict(res["rate_step"]["lo"], res["rate_step"]["hi"], TARGET_RATE, below=False),
+            common.verdict(
+                res["rate_step"]["lo"], res["rate_step"]["hi"], TARGET_RATE, below=False
+            ),
         ],
         ["achieved / FMA peak", "forward + backward", _ci_pct(res["rate_fwdbwd_fma"]), "", ""],
         [
@@ -426,21 +405,21 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
         [
             "AdamW step (loop default)",
             "for-loop implementation",
-            fmt_ci(*(res["opt_default"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
+            common.fmt_ci(*(res["opt_default"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
             "",
             "",
         ],
         [
             "AdamW step, fused=True",
             "",
-            fmt_ci(*(res["opt_fused"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
+            common.fmt_ci(*(res["opt_fused"][k] for k in ("median", "lo", "hi")), "{:.3f}", " s"),
             "",
             "",
         ],
         [
             "Heun sampling per image",
             f"{s['heun_steps']} steps, NFE {smp['nfe']}, batch {s['batch']}",
-            fmt_ci(
+            common.fmt_ci(
                 *(1e3 * smp["heun_per_image"][k] for k in ("median", "lo", "hi")), "{:.1f}", " ms"
             ),
             "",
@@ -449,7 +428,7 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
         [
             "model evaluations per image",
             f"{smp['nfe']} bare forwards",
-            fmt_ci(
+            common.fmt_ci(
                 *(1e3 * smp["model_per_image"][k] for k in ("median", "lo", "hi")), "{:.1f}", " ms"
             ),
             "",
@@ -460,7 +439,9 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
             f"per-round ratio, {smp['overhead']['n']} rounds",
             _ci_pct(smp["overhead"], signed=True),
             f"< {100 * TARGET_SAMPLER:.0f}%",
-            verdict(smp["overhead"]["lo"], smp["overhead"]["hi"], TARGET_SAMPLER, below=True),
+            common.verdict(
+                smp["overhead"]["lo"], smp["overhead"]["hi"], TARGET_SAMPLER, below=True
+            ),
         ],
     ]
     top = ", ".join(f"`{k}` {100 * v:.0f}%" for k, v in res["top_ops"])
@@ -468,7 +449,8 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
         [
             "## Training step (SiT, CPU)",
             "",
-            f"`benchmarks/train_step.py{' --quick' if quick else ''}`; {machine_info(threads)}.",
+            f"`benchmarks/train_step.py{' --quick' if quick else ''}`; "
+            f"{common.machine_info(threads)}.",
             f"Model {s['model']} ({res['params'] / 1e6:.1f}M parameters), 32x32x4 input, 1000 "
             "classes, flow matching (linear path), AdamW. "
             f"{s['repeats']} rounds; in each, every GEMM shape, then the two arms' steps (order "
@@ -477,7 +459,7 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
             'when the whole interval is on one side of the target, "within noise" otherwise.'
             + (" **Quick mode: a tiny model, numbers are not representative.**" if quick else ""),
             "",
-            markdown_table(["quantity", "setting", "measured", "target", "verdict"], rows),
+            common.markdown_table(["quantity", "setting", "measured", "target", "verdict"], rows),
             "",
             f"Top kernels by self CPU time (forward + backward): {top}.",
         ]
@@ -488,21 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and few repeats (smoke run)")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help=f"markdown file to update (default {DEFAULT_REPORT} unless --quick)",
-    )
+    common.add_output_argument(p)
     args = p.parse_args(argv)
     res = run(args.quick, args.threads)
     text = report(res, threads=args.threads, quick=args.quick)
-    print()
-    print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
-    if output is not None:
-        write_markdown_section(output, "train_step", text)
-        print(f"\nwrote section 'train_step' of {output}")
+    common.publish(text, "train_step", args.output, quick=args.quick)
     return 0
 
 

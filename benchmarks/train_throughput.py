@@ -28,27 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (  # type: ignore[no-redef]
-        DEFAULT_REPORT,
-        REPO,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        write_markdown_section,
-    )
-else:
-    from .common import (
-        DEFAULT_REPORT,
-        REPO,
-        ensure_importable,
-        machine_info,
-        markdown_table,
-        write_markdown_section,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script and as benchmarks.x
+import common
 
-ensure_importable()
+common.ensure_importable()
 
 import torch  # noqa: E402
 
@@ -56,14 +39,9 @@ from dispersive.train.config import load_config  # noqa: E402
 from dispersive.train.logging import read_metrics  # noqa: E402
 from dispersive.train.loop import train  # noqa: E402
 
-CONFIGS = REPO / "configs"
+CONFIGS = common.REPO / "configs"
 SIT_S2 = [
-    'model.name="SiT-S/2"',
-    "model.input_size=32",
-    "model.in_channels=4",
-    "model.num_classes=1000",
-    'data.name="synthetic"',
-    "data.synthetic_size=256",
+    *common.SIT_S2_LATENTS,
     "dispersive.weight=0.5",
     'dispersive.layers=["blocks.2"]',  # paper: block 3 of 12
 ]
@@ -119,7 +97,7 @@ def measure(name: str, quick: bool, threads: int) -> dict:
 
 
 def report(rows: list[dict], *, threads: int, quick: bool) -> str:
-    table = markdown_table(
+    table = common.markdown_table(
         ["setting", "global batch", "step (s)", "images/s", "data wait"],
         [
             [
@@ -136,7 +114,8 @@ def report(rows: list[dict], *, threads: int, quick: bool) -> str:
     verdict = "meets" if worst < 0.05 else "MISSES"
     return (
         "## Training throughput (CPU)\n\n"
-        f"`benchmarks/train_throughput.py{' --quick' if quick else ''}`; {machine_info(threads)}; "
+        f"`benchmarks/train_throughput.py{' --quick' if quick else ''}`; "
+        f"{common.machine_info(threads)}; "
         "float32, one process. Whole training steps (data, forward, backward, AdamW, EMA) from "
         "the loop's own `metrics.jsonl`, medians over logging intervals after the first. "
         f"Data wait is the share of wall time spent fetching batches; the largest is "
@@ -148,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small batches and few steps (smoke run)")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help=f"markdown file to update (default {DEFAULT_REPORT} unless --quick)",
-    )
+    common.add_output_argument(p)
     args = p.parse_args(argv)
     rows = []
     for name in SETTINGS:
@@ -165,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     text = report(rows, threads=args.threads, quick=args.quick)
-    print()
-    print(text)
-    output = args.output or (None if args.quick else DEFAULT_REPORT)
-    if output is not None:
-        write_markdown_section(output, "train_throughput", text)
-        print(f"\nwrote section 'train_throughput' of {output}")
+    common.publish(text, "train_throughput", args.output, quick=args.quick)
     return 0 if all(r["data_wait"] < 0.05 for r in rows) else 1
 
 
