@@ -353,13 +353,19 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
     f_test, _ = ext(test[..., None])
     full = feature_statistics(f_test)
     fd_full = frechet_distance(full.mu, full.sigma, ref.mu, ref.sigma)
-    for n in sizes if samples is None else ():  # real images once; then the sample set alone
+
+    def subsets(feats: torch.Tensor, n: int) -> tuple[list[float], list[float]]:
+        # FD and KID of `repeats` random subsets of n rows of feats (the shared rng, in order).
         fds, kids = [], []
         for _ in range(repeats):
-            idx = torch.from_numpy(rng.choice(len(test), n, replace=False))
-            st = feature_statistics(f_test[idx])
+            idx = torch.from_numpy(rng.choice(len(feats), n, replace=False))
+            st = feature_statistics(feats[idx])
             fds.append(frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma))
-            kids.append(kernel_inception_distance(f_train, f_test[idx], seed=seed)[0])
+            kids.append(kernel_inception_distance(f_train, feats[idx], seed=seed)[0])
+        return fds, kids
+
+    for n in sizes if samples is None else ():  # real images once; then the sample set alone
+        fds, kids = subsets(f_test, n)
         lines.append(
             f"| {n:,} test images | {repeats} | {np.mean(fds):.3f} | {np.std(fds, ddof=1):.3f} "
             f"| {np.mean(kids):.5f} | {np.std(kids, ddof=1):.5f} |"
@@ -378,12 +384,7 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
         )
         # Subsets smaller than the set (the set itself has no spread between subsets).
         for n in sorted({min(n, len(f_gen) // 2) for n in sizes}):
-            fds, kids = [], []
-            for _ in range(repeats):
-                idx = torch.from_numpy(rng.choice(len(f_gen), n, replace=False))
-                st = feature_statistics(f_gen[idx])
-                fds.append(frechet_distance(st.mu, st.sigma, ref.mu, ref.sigma))
-                kids.append(kernel_inception_distance(f_train, f_gen[idx], seed=seed)[0])
+            fds, kids = subsets(f_gen, n)
             lines.append(
                 f"| {n:,} of {len(f_gen):,} samples ({samples}) | {repeats} | {np.mean(fds):.3f} "
                 f"| {np.std(fds, ddof=1):.3f} | {np.mean(kids):.5f} | {np.std(kids, ddof=1):.5f} |"
