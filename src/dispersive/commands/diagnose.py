@@ -30,18 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of EMA")
 
 
-def _real_batch(config: dict, num: int, seed: int):
+def _real_batch(config_dict: dict, num: int, seed: int):
     import torch
 
     from dispersive.train.config import config_from_dict
     from dispersive.train.data import build_dataset
 
-    cfg = config_from_dict(config)
-    ds = build_dataset(cfg.data, model_cfg=cfg.model, train=True, seed=cfg.train.seed)
+    config = config_from_dict(config_dict)
+    ds = build_dataset(config.data, model_cfg=config.model, train=True, seed=config.train.seed)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=gen)[: min(num, len(ds))]
     x, y = ds.get_batch(idx)
-    return x, y, f"{cfg.data.name} training data ({len(idx)} images)"
+    return x, y, f"{config.data.name} training data ({len(idx)} images)"
 
 
 def _sample_batch(model, config: dict, num: int, seed: int):

@@ -90,23 +90,23 @@ def _load(path: str, args: argparse.Namespace):
     return grid
 
 
-def _dry_run(grid, cfgs, keep) -> None:
+def _dry_run(grid, configs, keep) -> None:
     from dispersive.experiments.runner import run_status
 
     print(f"experiment {grid.name}: {len(grid.runs)} runs in {grid.exp_dir}")
     for r in grid.runs:
-        cfg = cfgs[r.name]
-        st = run_status(grid, r, cfg.train.steps)
+        config = configs[r.name]
+        st = run_status(grid, r, config.train.steps)
         state = st.state if keep(r) or st.state == "done" else f"{st.state} (not selected)"
-        d = cfg.dispersive
+        d = config.dispersive
         disp = (
             "off"
             if d.weight == 0
             else f"{d.variant} weight {d.weight} tau {d.tau} {list(d.layers)}"
         )
         print(
-            f"  {r.arm.name} (seed {r.seed}): {state}, {cfg.model.name}, "
-            f"{cfg.train.steps} steps, batch {cfg.train.global_batch}; dispersive {disp}; "
+            f"  {r.arm.name} (seed {r.seed}): {state}, {config.model.name}, "
+            f"{config.train.steps} steps, batch {config.train.global_batch}; dispersive {disp}; "
             f"folder {r.run_dir}"
         )
 
@@ -116,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
     from dispersive.experiments.runner import check_grid, run_grids, select_runs
 
     grids = [_load(p, args) for p in args.grids]
-    cfgs = {g.path: check_grid(g) for g in grids}
+    configs = {g.path: check_grid(g) for g in grids}
     keep = select_runs(grids, arms=args.arms, seeds=args.seeds)
     if args.dry_run:
         for g in grids:
-            _dry_run(g, cfgs[g.path], keep)
+            _dry_run(g, configs[g.path], keep)
         print("# dry run: every config resolved and checked; nothing was run", file=sys.stderr)
         return 0
 
@@ -129,14 +129,14 @@ def run(args: argparse.Namespace) -> int:
     reports = {}
 
     def report(grid) -> None:
-        reports[grid.path] = write_report(grid, cfgs[grid.path], command=command)
+        reports[grid.path] = write_report(grid, configs[grid.path], command=command)
         print(f"report of {grid.name}: {reports[grid.path]}", flush=True)
 
     failures = []
     if not args.report_only:
         failures = run_grids(
             grids, jobs=args.jobs, threads=args.threads, status_every=args.status_every,
-            on_grid_done=report, reverse=args.reverse, keep=keep, cfgs=cfgs,
+            on_grid_done=report, reverse=args.reverse, keep=keep, configs=configs,
         )  # fmt: skip
     for g in grids:  # every report, also of grids with failed runs (those show as missing)
         if g.path not in reports or failures:

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_run(args: argparse.Namespace):
-    """``(cfg, run_dir, resume)`` from the parsed arguments; every user mistake is a UserError.
+    """``(config, run_dir, resume)`` from the parsed arguments; every user mistake is a UserError.
 
     The config passes the one preflight here (for this process's world size), before anything
     is printed or written; ``run`` then tells the loop not to repeat it.
@@ -78,15 +78,16 @@ def resolve_run(args: argparse.Namespace):
                 f"--resume {run_dir}: no such run directory; give the RUN_DIR of an earlier "
                 "`dispersive train` run (it holds config.toml and checkpoints/)"
             )
-        cfg_file = run_dir / CONFIG_FILE
-        if not cfg_file.is_file():
+        config_file = run_dir / CONFIG_FILE
+        if not config_file.is_file():
             raise UserError(
-                f"--resume {run_dir}: {cfg_file.name} is missing, so this is not a run directory "
-                "written by `dispersive train`; start a new run with `dispersive train CONFIG`"
+                f"--resume {run_dir}: {config_file.name} is missing, so this is not a run "
+                "directory written by `dispersive train`; start a new run with "
+                "`dispersive train CONFIG`"
             )
-        cfg = read_config(cfg_file, args.overrides)
-        preflight(cfg, world_size=env_world_size(), source=config_source(cfg_file))
-        return cfg, run_dir, True
+        config = read_config(config_file, args.overrides)
+        preflight(config, world_size=env_world_size(), source=config_source(config_file))
+        return config, run_dir, True
     stray = [o for o in args.overrides if "=" not in o]
     if stray:
         raise UserError(
@@ -97,11 +98,13 @@ def resolve_run(args: argparse.Namespace):
         raise UserError(
             "dispersive train needs a CONFIG file (e.g. configs/tiny.toml) or --resume RUN_DIR"
         )
-    cfg = read_config(args.config, args.overrides)
-    preflight(cfg, world_size=env_world_size(), source=config_source(args.config))
+    config = read_config(args.config, args.overrides)
+    preflight(config, world_size=env_world_size(), source=config_source(args.config))
     if args.outdir:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, outdir=args.outdir))
-    run_dir = Path(cfg.train.outdir) / (cfg.train.run_name or Path(args.config).stem)
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, outdir=args.outdir)
+        )
+    run_dir = Path(config.train.outdir) / (config.train.run_name or Path(args.config).stem)
     if not args.dry_run and (
         latest_checkpoint(run_dir) is not None or (run_dir / DONE_FILE).exists()
     ):
@@ -109,7 +112,7 @@ def resolve_run(args: argparse.Namespace):
             f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, "
             "or start another with --set train.run_name='\"NAME\"' or --outdir DIR"
         )
-    return cfg, run_dir, False
+    return config, run_dir, False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,14 +120,14 @@ def run(args: argparse.Namespace) -> int:
     from dispersive.train.config import dump_toml, per_device_batch
     from dispersive.train.distributed import env_world_size
 
-    cfg, run_dir, resume = resolve_run(args)  # preflight done: --dry-run and train() rely on it
+    config, run_dir, resume = resolve_run(args)  # preflight done: --dry-run and train() rely on it
     world = env_world_size()
     is_main = os.environ.get("RANK", "0") == "0"
-    local_batch = per_device_batch(cfg, world)
+    local_batch = per_device_batch(config, world)
     if is_main:
         print(f"# run directory: {run_dir}{' (resume)' if resume else ''}")
         print(f"# world size {world}, per-device batch {local_batch}")
-        print(dump_toml(cfg), end="", flush=True)
+        print(dump_toml(config), end="", flush=True)
     if args.dry_run:
         if is_main:
             print("# dry run: stopping before step 0 (nothing written)", file=sys.stderr)
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from dispersive.train.loop import train
 
     summary = train(
-        cfg, run_dir=run_dir, resume=resume, progress=not args.no_progress, preflighted=True
+        config, run_dir=run_dir, resume=resume, progress=not args.no_progress, preflighted=True
     )
     if is_main:
         final = summary.get("final", {})

@@ -380,14 +380,14 @@ _HASH_KEYS_V1 = {
 }
 
 
-def run_hash(cfg) -> str:
+def run_hash(config) -> str:
     """10 hex digits naming what a resolved config trains (see the module doc)."""
     import hashlib
     import json
 
     from dispersive.train.config import Config, config_to_dict
 
-    d, default = config_to_dict(cfg), config_to_dict(Config())
+    d, default = config_to_dict(config), config_to_dict(Config())
     for section, values in d.items():
         known = _HASH_KEYS_V1.get(section, "").split()
         for k in list(values):

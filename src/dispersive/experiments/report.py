@@ -51,13 +51,13 @@ def _common_spec(results: list[RunResult], spec_name: str) -> dict[str, Any]:
     return out
 
 
-def _config_summary(cfg: Any) -> str:
-    m, tr, o, s = cfg.model, cfg.train, cfg.optim, cfg.sample
+def _config_summary(config: Any) -> str:
+    m, tr, o, s, obj = config.model, config.train, config.optim, config.sample, config.objective
     ov = f" {dict(m.overrides)}" if m.overrides else ""
     return (
-        f"{m.name}{ov} on {cfg.data.name} ({m.in_channels}x{m.input_size}x{m.input_size}, "
-        f"{m.num_classes} classes); {cfg.objective.kind} objective ({cfg.objective.path} path, "
-        f"t {cfg.objective.t_dist}); {tr.steps} steps at global batch {tr.global_batch}; AdamW "
+        f"{m.name}{ov} on {config.data.name} ({m.in_channels}x{m.input_size}x{m.input_size}, "
+        f"{m.num_classes} classes); {obj.kind} objective ({obj.path} path, "
+        f"t {obj.t_dist}); {tr.steps} steps at global batch {tr.global_batch}; AdamW "
         f"lr {o.lr:g} (warm-up {o.warmup_steps}), EMA {o.ema_decay}"
         f"{' with warm-up' if o.ema_warmup else ''}; {tr.precision}; sampler {s.sampler} "
         f"{s.steps} steps, guidance {s.cfg_scale:g}"
@@ -72,11 +72,13 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | None = None) -> Path:
+def write_report(
+    grid: Grid, configs: dict[str, Any], *, command: Sequence[str] | None = None
+) -> Path:
     """Collect the runs, write tables, figures and ``report.md``; return the report's path."""
     exp = grid.exp_dir
     exp.mkdir(parents=True, exist_ok=True)
-    steps = {name: cfg.train.steps for name, cfg in cfgs.items()}
+    steps = {name: config.train.steps for name, config in configs.items()}
     results = collect(grid, steps)
     key = metric_key(grid)
     stats = arm_stats(grid, results, key)
@@ -100,7 +102,7 @@ def write_report(grid: Grid, cfgs: dict[str, Any], *, command: Sequence[str] | N
         "samples": plot_samples(grid, results, exp / "samples.png"),
     }
 
-    first = cfgs[grid.runs[0].name]
+    first = configs[grid.runs[0].name]
     n_done = sum(r.finished for r in results)
     cmd = (
         " ".join(shlex.quote(c) for c in command)

@@ -181,27 +181,27 @@ def check_grid(grid: Grid) -> dict[str, object]:
     """
     from dispersive.train.config import config_source, meta_model, model_kwargs, preflight
 
-    cfgs: dict[str, object] = {}
+    configs: dict[str, object] = {}
     models: dict[str, object] = {}
     for run in grid.runs:
-        cfg = resolve_run_config(grid, run)
-        key = json.dumps(model_kwargs(cfg.model), sort_keys=True, default=str)
+        config = resolve_run_config(grid, run)
+        key = json.dumps(model_kwargs(config.model), sort_keys=True, default=str)
         if key not in models:
-            models[key] = meta_model(cfg.model)
+            models[key] = meta_model(config.model)
         try:
             preflight(
-                cfg, world_size=grid.nproc, model=models[key], source=config_source(grid.config)
+                config, world_size=grid.nproc, model=models[key], source=config_source(grid.config)
             )
         except UserError as e:
             raise UserError(f"run {run.name} of {grid.path.name}: {e}") from None
-        cfgs[run.name] = cfg
+        configs[run.name] = config
     for fe in grid.final_evals:
         if fe.features == "inception" and not fe.inception_weights:
             raise UserError(
                 f"[final_eval] {fe.name!r} of {grid.path.name} uses features = 'inception' but "
                 'gives no inception_weights = "<local pt_inception-2015-12-05-6726825d.pth>"'
             )
-    return cfgs
+    return configs
 
 
 def _check_eval_files(grid: Grid) -> None:
@@ -471,7 +471,7 @@ def _check_extendable(grid: Grid, run: RunSpec, st: RunStatus) -> None:
 
 def build_queue(
     grids: Sequence[Grid],
-    cfgs: dict,
+    configs: dict,
     *,
     echo: Callable[[str], None] = lambda _: None,
     keep: Callable[[RunSpec], bool] | None = None,
@@ -484,7 +484,7 @@ def build_queue(
 
     Args:
         grids: the grids.
-        cfgs: ``{grid.path: {run name: Config}}`` from :func:`check_grid`.
+        configs: ``{grid.path: {run name: Config}}`` from :func:`check_grid`.
         keep: queue only the runs it accepts (:func:`select_runs`); the others are left as
             they are, and a grid's report then shows them as they are on disk.
     """
@@ -495,7 +495,7 @@ def build_queue(
     for g in grids:
         counts: dict[str, int] = {}
         for run in g.runs:
-            steps = cfgs[g.path][run.name].train.steps
+            steps = configs[g.path][run.name].train.steps
             st = run_status(g, run, steps)
             counts[st.state] = counts.get(st.state, 0) + 1
             if st.state == "extend":
@@ -531,7 +531,7 @@ def run_grids(
     on_grid_done: Callable[[Grid], None] | None = None,
     reverse: bool = False,
     keep: Callable[[RunSpec], bool] | None = None,
-    cfgs: Mapping[Path, Mapping[str, object]] | None = None,
+    configs: Mapping[Path, Mapping[str, object]] | None = None,
 ) -> list[tuple[RunSpec, str]]:
     """Bring every run of the grids to its final state (train, samples, final evaluation).
 
@@ -548,7 +548,7 @@ def run_grids(
             write its report while the other grids go on.
         reverse: work through the queue from its end (for a second process on the same grids).
         keep: run only the runs it accepts (:func:`select_runs`: some arms or seeds first).
-        cfgs: ``{grid.path: check_grid(grid)}`` when the caller has checked the grids already
+        configs: ``{grid.path: check_grid(grid)}`` when the caller has checked the grids already
             (each config is preflighted once); checked here otherwise.
 
     Returns:
@@ -558,14 +558,14 @@ def run_grids(
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     checked = {}
     for g in grids:
-        checked[g.path] = check_grid(g) if cfgs is None else cfgs[g.path]
+        checked[g.path] = check_grid(g) if configs is None else configs[g.path]
         _check_eval_files(g)
-    cfgs = checked
+    configs = checked
     nproc = max(g.nproc for g in grids)
     threads = threads or max(1, available_cpus() // (jobs * nproc))
     env = _child_env(threads)
 
-    queue, pending_of = build_queue(grids, cfgs, echo=echo, keep=keep)
+    queue, pending_of = build_queue(grids, configs, echo=echo, keep=keep)
     if reverse:
         # A second process on the same grids works from the other end; the run locks keep the
         # two apart, and an extension met first simply trains to the larger budget directly.

@@ -421,11 +421,11 @@ def _build(d: Mapping[str, Mapping[str, Any]]) -> Config:
 # Public API
 
 
-def config_to_dict(cfg: Config) -> dict:
+def config_to_dict(config: Config) -> dict:
     """The full resolved config as a plain nested dict (lists, not tuples): TOML/JSON-able."""
     return {
         name: {f.name: _plain(getattr(sec, f.name)) for f in dataclasses.fields(sec)}
-        for name, sec in ((n, getattr(cfg, n)) for n in SECTIONS)
+        for name, sec in ((n, getattr(config, n)) for n in SECTIONS)
     }
 
 
@@ -443,9 +443,9 @@ def config_from_dict(d: Mapping[str, Any], *, source: str = "") -> Config:
     if not isinstance(d, Mapping):
         raise UserError(f"a config must be a table of sections, got {_describe(d)}{where}")
     merged = _merge({}, d, where)
-    cfg = _build(merged)
-    validate(cfg)
-    return cfg
+    config = _build(merged)
+    validate(config)
+    return config
 
 
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -511,12 +511,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     Raises:
         UserError: a one-line message naming the problem and the fix.
     """
-    cfg = read_config(path, overrides)
+    config = read_config(path, overrides)
     try:
-        validate(cfg)
+        validate(config)
     except UserError as e:
         raise UserError(f"{e} (config: {config_source(path)})") from None
-    return cfg
+    return config
 
 
 def _parse_literal(item: str, hint: Any | None) -> tuple[list[str], Any]:
@@ -544,8 +544,8 @@ def _parse_literal(item: str, hint: Any | None) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str], *, _validate: bool = True) -> Config:
-    """Return a copy of ``cfg`` with ``"section.key=<TOML literal>"`` overrides applied.
+def apply_overrides(config: Config, overrides: Sequence[str], *, _validate: bool = True) -> Config:
+    """Return a copy of ``config`` with ``"section.key=<TOML literal>"`` overrides applied.
 
     ``model.overrides.depth=2`` sets one entry of the free ``model.overrides`` table; a whole
     table can be given as ``model.overrides={depth=2, attn="math"}``.
@@ -555,7 +555,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], *, _validate: bool = 
     """
     if isinstance(overrides, str):
         overrides = [overrides]
-    d = config_to_dict(cfg)
+    d = config_to_dict(config)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         head = key.split(".")
@@ -593,16 +593,16 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], *, _validate: bool = 
     return out
 
 
-def dump_toml(cfg: Config) -> str:
+def dump_toml(config: Config) -> str:
     """The full resolved config as TOML text (every key, so the run is self-describing)."""
     import tomli_w  # lazy: only needed when writing a run directory
 
-    return tomli_w.dumps(config_to_dict(cfg))
+    return tomli_w.dumps(config_to_dict(config))
 
 
-def per_device_batch(cfg: Config, world_size: int = 1) -> int:
+def per_device_batch(config: Config, world_size: int = 1) -> int:
     """The batch each rank processes: ``train.global_batch / world_size`` (checked)."""
-    gb = cfg.train.global_batch
+    gb = config.train.global_batch
     if world_size < 1:
         raise UserError(f"world size must be >= 1, got {world_size}")
     if gb % world_size:
@@ -614,18 +614,18 @@ def per_device_batch(cfg: Config, world_size: int = 1) -> int:
     return gb // world_size
 
 
-def dispersive_group_size(cfg: Config, world_size: int = 1) -> int:
+def dispersive_group_size(config: Config, world_size: int = 1) -> int:
     """The number of samples each dispersive-loss evaluation sees (after resolving 0)."""
-    g = cfg.dispersive.group_size
+    g = config.dispersive.group_size
     if g:
         return g
-    if cfg.dispersive.scope == "global":
-        return cfg.train.global_batch
-    return per_device_batch(cfg, world_size)
+    if config.dispersive.scope == "global":
+        return config.train.global_batch
+    return per_device_batch(config, world_size)
 
 
 def model_kwargs(model_cfg: ModelConfig) -> dict:
-    """Keyword arguments for ``dispersive.models.build(**model_kwargs(cfg.model))``.
+    """Keyword arguments for ``dispersive.models.build(**model_kwargs(config.model))``.
 
     The same dict as ``model.config`` of the built model.
     """
@@ -650,7 +650,7 @@ def meta_model(model_cfg: ModelConfig) -> Any:
 
 
 def preflight(
-    cfg: Config, *, world_size: int = 1, model: Any = None, source: str | None = None
+    config: Config, *, world_size: int = 1, model: Any = None, source: str | None = None
 ) -> None:
     """Every check the training loop makes, before any work starts (no process group, no data).
 
@@ -660,9 +660,9 @@ def preflight(
     :func:`read_config` (which checks keys, types and values only).
 
     Args:
-        cfg: the resolved config.
+        config: the resolved config.
         world_size: number of ranks the run will use.
-        model: the model to check against (default: :func:`meta_model` of ``cfg.model``); a
+        model: the model to check against (default: :func:`meta_model` of ``config.model``); a
             caller checking many configs of one model can build it once.
         source: where the config came from (:func:`config_source`), named in the error.
 
@@ -671,7 +671,9 @@ def preflight(
     """
     try:
         validate(
-            cfg, world_size=world_size, model=meta_model(cfg.model) if model is None else model
+            config,
+            world_size=world_size,
+            model=meta_model(config.model) if model is None else model,
         )
     except UserError as e:
         if source is None:
@@ -679,11 +681,11 @@ def preflight(
         raise UserError(f"{e} (config: {source})") from None
 
 
-def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
+def validate(config: Config, *, world_size: int = 1, model: Any = None) -> None:
     """Check every value and the cross-field rules; call before any work starts.
 
     Args:
-        cfg: the config.
+        config: the config.
         world_size: number of ranks (the global batch must divide by it).
         model: the built model (optionally on the meta device); when given, the tapped layers
             must exist in it and its ``kind`` must match ``objective.kind``.
@@ -693,15 +695,16 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
     """
     # Field values (a Config built by hand skips the checks done when reading files).
     for name in SECTIONS:
-        sec = getattr(cfg, name)
+        sec = getattr(config, name)
         hints = _hints(type(sec))
         for f in dataclasses.fields(sec):
             key = f"{name}.{f.name}"
             value = _coerce(key, getattr(sec, f.name), hints[f.name], "")
             _check_value(key, value)
 
-    m, data, obj, disp, tr = cfg.model, cfg.data, cfg.objective, cfg.dispersive, cfg.train
-    local = per_device_batch(cfg, world_size)
+    m, data, obj = config.model, config.data, config.objective
+    disp, tr = config.dispersive, config.train
+    local = per_device_batch(config, world_size)
 
     if m.init:
         from dispersive.train.model_init import check_init  # light: no file is read
@@ -739,24 +742,24 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
             f"objective.cfg_t_min = {obj.cfg_t_min} > objective.cfg_t_max = {obj.cfg_t_max}; "
             "the guidance interval must have min <= max"
         )
-    lo, hi = cfg.sample.cfg_interval
+    lo, hi = config.sample.cfg_interval
     if not (0.0 <= lo <= hi <= 1.0):
         raise UserError(f"sample.cfg_interval = [{lo}, {hi}] must satisfy 0 <= min <= max <= 1")
-    if cfg.sample.cfg_channels > m.in_channels:
+    if config.sample.cfg_channels > m.in_channels:
         raise UserError(
-            f"sample.cfg_channels = {cfg.sample.cfg_channels} exceeds model.in_channels = "
+            f"sample.cfg_channels = {config.sample.cfg_channels} exceeds model.in_channels = "
             f"{m.in_channels}; use 1..{m.in_channels}, or 0 to guide every channel"
         )
-    valid = sorted(SAMPLER_OPTIONS[cfg.sample.sampler])
-    unknown = sorted(set(cfg.sample.options) - set(valid))
+    valid = sorted(SAMPLER_OPTIONS[config.sample.sampler])
+    unknown = sorted(set(config.sample.options) - set(valid))
     if unknown:
         raise UserError(
             f"sample.options {unknown} are not options of sample.sampler = "
-            f"'{cfg.sample.sampler}'; valid: {valid or 'none'}"
+            f"'{config.sample.sampler}'; valid: {valid or 'none'}"
         )
-    if cfg.sample.sampler not in KIND_SAMPLERS[obj.kind]:
+    if config.sample.sampler not in KIND_SAMPLERS[obj.kind]:
         raise UserError(
-            f"sample.sampler = '{cfg.sample.sampler}' does not fit objective.kind = "
+            f"sample.sampler = '{config.sample.sampler}' does not fit objective.kind = "
             f"'{obj.kind}'; use one of: {', '.join(KIND_SAMPLERS[obj.kind])}"
         )
     if obj.kind != "flow" and obj.path != "linear":
@@ -768,10 +771,10 @@ def validate(cfg: Config, *, world_size: int = 1, model: Any = None) -> None:
     # In-training proxy FID: the shipped domain network (eval.features = 'fashion-mnist') sees
     # 28x28x1 images; Inception features are for `dispersive eval` on a sample file.
     image = (m.input_size, m.in_channels)
-    if cfg.eval.every > 0 and (cfg.eval.features != "fashion-mnist" or image != (28, 1)):
+    if config.eval.every > 0 and (config.eval.features != "fashion-mnist" or image != (28, 1)):
         raise UserError(
-            f"eval.every = {cfg.eval.every} computes the in-training proxy FID, which needs "
-            f"eval.features = 'fashion-mnist' and 28x28x1 samples (got '{cfg.eval.features}', "
+            f"eval.every = {config.eval.every} computes the in-training proxy FID, which needs "
+            f"eval.features = 'fashion-mnist' and 28x28x1 samples (got '{config.eval.features}', "
             f"{m.input_size}x{m.input_size}x{m.in_channels}); set eval.every = 0 and evaluate "
             "samples with `dispersive eval`"
         )

@@ -83,7 +83,7 @@ def step_seed(*keys: int) -> int:
 
 
 def train(
-    cfg: Config,
+    config: Config,
     *,
     run_dir: str | Path,
     resume: bool = False,
@@ -95,15 +95,15 @@ def train(
     Works as one plain process and under ``torchrun`` (one process per device, DDP).
 
     Args:
-        cfg: the resolved config (:func:`dispersive.train.config.load_config`).
+        config: the resolved config (:func:`dispersive.train.config.load_config`).
         run_dir: ``RUN_DIR`` (train/rundir.py): config.toml, metrics.jsonl, tb/, checkpoints/,
             done.json; rank 0 holds its lock while it trains.
         resume: continue from the latest checkpoint in ``run_dir`` (model, EMA, optimizer, step,
-            RNG states, data position) with ``cfg``, which may differ (e.g. more train.steps).
+            RNG states, data position) with ``config``, which may differ (e.g. more train.steps).
             Without a checkpoint the run starts at step 0.
         progress: show a tqdm progress bar (rank 0).
         preflighted: the caller already ran :func:`~dispersive.train.config.preflight` on
-            ``cfg`` for this world size (``dispersive train`` does, before it prints the
+            ``config`` for this world size (``dispersive train`` does, before it prints the
             config); otherwise it runs here.
 
     Returns:
@@ -117,13 +117,13 @@ def train(
 
     run_dir = Path(run_dir)
     wall_start = time.perf_counter()
-    tr, opt_cfg = cfg.train, cfg.optim
+    tr, opt_cfg, eval_cfg = config.train, config.optim, config.eval
 
     # ---- Checks, then distributed setup --------------------------------------------------------
     # Every check runs before any process group exists, so every rank fails the same way.
     if not preflighted:
-        preflight(cfg, world_size=env_world_size())
-    local_batch = per_device_batch(cfg, env_world_size())
+        preflight(config, world_size=env_world_size())
+    local_batch = per_device_batch(config, env_world_size())
     info = init_distributed(device=tr.device, timeout_s=tr.dist_timeout_s)
     rank, world, device = info.rank, info.world_size, info.device
     global_batch = local_batch * world
@@ -140,22 +140,22 @@ def train(
         torch.manual_seed(tr.seed)  # the same initial weights on every rank
         # model.init (fine-tuning) sets the starting weights and the official conventions.
         resume_from = latest_checkpoint(run_dir) if resume else None
-        model = build_run_model(cfg.model, resume_from=resume_from).to(device)
+        model = build_run_model(config.model, resume_from=resume_from).to(device)
         model.train()
-        num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
+        num_classes = int(getattr(model, "num_classes", config.model.num_classes))
         torch.manual_seed(step_seed(tr.seed, rank, 1))  # per-rank global RNG (if used)
         # EMA before the tap: a deep copy would otherwise copy the tap's hooks as well.
         ema = EMA(model, opt_cfg.ema_decay, warmup=opt_cfg.ema_warmup)
         # One tap on every block (Fig. 3 norms) and on the regularised layers, registered on the
         # plain model before DDP / compile wrap it; a list of names, so pop() gives a dict.
         block_names = list(getattr(model, "block_names", []))
-        tap_names = list(dict.fromkeys([*block_names, *cfg.dispersive.layers]))
+        tap_names = list(dict.fromkeys([*block_names, *config.dispersive.layers]))
         tap = FeatureTap(model, tap_names) if tap_names else None
         if tap is not None:
             cleanup.callback(tap.remove)
 
         # ---- Data, the step's noise generator, optimizer (paper Table 8: AdamW) -------------
-        data, next_batch, data_gen = _data(cfg, local_batch, rank, world)
+        data, next_batch, data_gen = _data(config, local_batch, rank, world)
         noise_gen = torch.Generator(device=device).manual_seed(tr.seed)  # same on all ranks
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -176,7 +176,7 @@ def train(
             )  # fmt: skip
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / CONFIG_FILE, dump_toml(cfg))
+            atomic_write(run_dir / CONFIG_FILE, dump_toml(config))
             (run_dir / DONE_FILE).unlink(missing_ok=True)
 
         # ---- Wrappers: DDP, then torch.compile (the tap is already registered) ---------------
@@ -190,10 +190,10 @@ def train(
 
         # ---- The loss, built once: objective (per kind) + lambda * dispersive term ----------
         objective = TrainingObjective(
-            cfg, train_model=train_model, model=model, tap=tap, num_classes=num_classes,
+            config, train_model=train_model, model=model, tap=tap, num_classes=num_classes,
             rank=rank, world_size=world, generator=noise_gen,
         )  # fmt: skip
-        dispersive = DispersiveTerm(cfg.dispersive, dispersive_group_size(cfg, world))
+        dispersive = DispersiveTerm(config.dispersive, dispersive_group_size(config, world))
         bf16 = tr.precision == "bf16"
         autocast = functools.partial(torch.autocast, device.type, torch.bfloat16, enabled=bf16)
 
@@ -204,7 +204,7 @@ def train(
         )  # fmt: skip
         cleanup.callback(logger.close)
         logger.write(
-            f"{cfg.model.name}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {world} "
+            f"{config.model.name}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {world} "
             f"rank(s) x {local_batch} samples, device {device}, steps {step} -> {tr.steps}"
         )
         last_record: dict[str, Any] = {}
@@ -296,15 +296,15 @@ def train(
             # the last step, so a run's final number is always measured. Before the checkpoint
             # of the same step: a run stopped during the evaluation resumes from the previous
             # checkpoint and measures it again, and its curve has no hole.
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == tr.steps) and info.is_main:
-                record = _proxy_fid(cfg, ema.model, step, device)
+            if eval_cfg.every and (step % eval_cfg.every == 0 or step == tr.steps) and info.is_main:
+                record = _proxy_fid(config, ema.model, step, device)
                 logger.log(record)
                 logger.write(f"step {step}: proxy_fid {record['proxy_fid']:.3f} (proxy)")
 
             # Checkpoint (rank 0), atomically; keep the last train.keep_last.
             if info.is_main and (step % tr.ckpt_every == 0 or step == tr.steps):
                 state = _checkpoint_state(
-                    cfg, step, model=model, ema=ema, optimizer=optimizer, data=data,
+                    config, step, model=model, ema=ema, optimizer=optimizer, data=data,
                     noise_gen=noise_gen, nonfinite_total=nonfinite_total,
                 )  # fmt: skip
                 save_checkpoint(state, checkpoint_path(run_dir, step))
@@ -341,21 +341,21 @@ def _say_which_rank_failed(rank: int, world: int):
         raise
 
 
-def _data(cfg: Config, local_batch: int, rank: int, world: int):
+def _data(config: Config, local_batch: int, rank: int, world: int):
     """``(data, next_batch, data_gen)``: the resumable batch source (its ``state_dict`` goes into
     the checkpoint), a function returning this rank's next ``(x, y)``, and the flip generator
     (re-seeded every step from (seed, rank, step), so no per-rank state is saved)."""
     from dispersive.train import data as data_mod
 
-    seed = cfg.train.seed
-    dataset = data_mod.build_dataset(cfg.data, model_cfg=cfg.model, train=True, seed=seed)
+    seed = config.train.seed
+    dataset = data_mod.build_dataset(config.data, model_cfg=config.model, train=True, seed=seed)
     stream = data_mod.BatchStream(
         dataset, batch_size=local_batch, seed=seed, rank=rank, world_size=world
     )
     data_gen = torch.Generator()
     if isinstance(dataset, data_mod.ImageFolderDataset):  # decoded in worker processes
         loader = data_mod.BatchLoader(
-            dataset, stream, num_workers=cfg.data.num_workers, generator=data_gen
+            dataset, stream, num_workers=config.data.num_workers, generator=data_gen
         )
         return loader, lambda: next(loader), data_gen
     return stream, lambda: dataset.get_batch(next(stream), generator=data_gen), data_gen
@@ -393,7 +393,7 @@ def _resume(run_dir: Path, is_main: bool, *, model, ema, optimizer, data, noise_
     return step, nonfinite_total
 
 
-def _checkpoint_state(cfg: Config, step: int, *, model, ema, optimizer, data, noise_gen,
+def _checkpoint_state(config: Config, step: int, *, model, ema, optimizer, data, noise_gen,
                       nonfinite_total: int) -> dict:  # fmt: skip
     """The checkpoint dict (train/checkpoint.py documents its format)."""
     return {
@@ -404,8 +404,8 @@ def _checkpoint_state(cfg: Config, step: int, *, model, ema, optimizer, data, no
         "optimizer": optimizer.state_dict(),
         "rng": capture_rng_state({"noise": noise_gen}),
         "data_state": data.state_dict(),
-        "config": config_to_dict(cfg),
-        "model_config": dict(getattr(model, "config", None) or {}) or model_kwargs(cfg.model),
+        "config": config_to_dict(config),
+        "model_config": dict(getattr(model, "config", None) or {}) or model_kwargs(config.model),
         "nonfinite_total": nonfinite_total,
     }
 
@@ -418,13 +418,13 @@ def grouped_mean(fn, group: int, *zs: torch.Tensor) -> torch.Tensor:
     return _group_mean(fn, group, *zs)
 
 
-def _proxy_fid(cfg: Config, ema_model: torch.nn.Module, step: int, device: torch.device) -> dict:
+def _proxy_fid(config: Config, ema_model: torch.nn.Module, step: int, device: torch.device) -> dict:
     """Sample with the EMA weights and score the samples with the proxy FID (and accuracy)."""
     from dispersive.eval.proxy import proxy_metrics
     from dispersive.generate import generate
 
-    s = cfg.sample
-    num = cfg.eval.num_samples
+    s = config.sample
+    num = config.eval.num_samples
     ncls = int(getattr(ema_model, "num_classes", 0) or 0)
     labels = torch.arange(num) % ncls if ncls > 0 else None  # class-balanced
     t0 = time.perf_counter()
@@ -438,11 +438,11 @@ def _proxy_fid(cfg: Config, ema_model: torch.nn.Module, step: int, device: torch
         cfg_channels=s.cfg_channels or None,
         options=dict(s.options),
         labels=labels,
-        path=cfg.objective.path,
+        path=config.objective.path,
         generator=torch.Generator(device=device).manual_seed(s.seed),
         device=device,
     )
-    metrics = proxy_metrics(images, labels, features=cfg.eval.features)
+    metrics = proxy_metrics(images, labels, features=config.eval.features)
     return {
         "step": step,
         **metrics,

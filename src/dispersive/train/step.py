@@ -31,7 +31,7 @@ class TrainingObjective:
     """Per-sample loss of ``objective.kind`` on this rank's slice of the global batch.
 
     Args:
-        cfg: the resolved Config.
+        config: the resolved Config.
         train_model: the model as trained (DDP / compile wrappers included).
         model: the plain model (MeanFlow's jvp runs on it).
         tap: the FeatureTap of the plain model (names as a list, so ``pop()`` is a dict), or None.
@@ -42,7 +42,7 @@ class TrainingObjective:
 
     def __init__(
         self,
-        cfg: Any,
+        config: Any,
         *,
         train_model: nn.Module,
         model: nn.Module,
@@ -52,8 +52,8 @@ class TrainingObjective:
         world_size: int,
         generator: torch.Generator,
     ) -> None:
-        self.obj = cfg.objective
-        self.contrastive = cfg.dispersive.contrastive  # flow only (checked by validate)
+        self.obj = config.objective
+        self.contrastive = config.dispersive.contrastive  # flow only (checked by validate)
         self.train_model, self.model, self.tap = train_model, model, tap
         self.num_classes, self.rank, self.world_size = num_classes, rank, world_size
         self.gen = generator
