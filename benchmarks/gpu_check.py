@@ -17,7 +17,8 @@ is skipped and recorded as skipped, with the reason:
    (layer, lambda, tau, groups of 16; the loop's ``DispersiveTerm``), bf16 autocast + TF32,
    fused AdamW; baseline and dispersive arms alternate: images/s, the term's overhead
    (per-round ratio, median and interval), peak memory; eager, then ``torch.compile`` of the
-   model with the taps attached (graph breaks counted by dynamo's counters; must be 0).
+   model with the taps attached. Graph breaks (must be 0) are counted by
+   ``torch._dynamo.explain`` over the whole forward in one graph: model, taps and term.
 5. ``sampling``: Heun (``dispersive.generate``) throughput of SiT-XL/2, batch 256, bf16.
 6. ``ddp``: one-process DDP over NCCL started by torchrun (this script's ``--ddp-worker``):
    the tapped, DDP-wrapped model's gradients equal the plain model's.
@@ -441,13 +442,15 @@ class Step:
         self.t = torch.rand(sizes.batch, generator=g, device=device)
         self.y = torch.randint(0, cfg.model.num_classes, (sizes.batch,), device=device)
 
-    def __call__(self, disp: bool) -> None:
+    def loss(self, disp: bool, fn: Callable | None = None) -> torch.Tensor:
+        """The step's forward: flow matching through ``fn`` (default the step's model, compiled
+        or not), the tap's activations and, with ``disp``, lambda x the dispersive term."""
         from dispersive.objectives import flow_matching_loss
 
-        self.opt.zero_grad(set_to_none=True)
+        fn = fn or self.fn
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             per_sample = flow_matching_loss(
-                lambda x, t: self.fn(x, t, self.y),
+                lambda x, t: fn(x, t, self.y),
                 self.x0,
                 t=self.t,
                 noise=self.noise,
@@ -458,8 +461,21 @@ class Step:
             feats = feats if isinstance(feats, dict) else {self.layers[0]: feats}
             if disp:
                 loss = loss + self.weight * self.term(feats)
-        loss.backward()
+        return loss
+
+    def __call__(self, disp: bool) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(disp).backward()
         self.opt.step()
+
+
+def graph_breaks(fn: Callable, *args) -> tuple[int, list[str]]:
+    """Graph breaks of ``torch.compile(fn)`` on ``args`` and their reasons (first lines), as
+    counted by ``torch._dynamo.explain`` (which runs fn once; tests/test_losses_compile.py
+    counts the same way)."""
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(fn)(*args)
+    return ex.graph_break_count, sorted({str(r.reason).splitlines()[0] for r in ex.break_reasons})
 
 
 def _arms(step: Step, rounds: int, budget: Budget) -> dict:
@@ -492,8 +508,6 @@ def _arms(step: Step, rounds: int, budget: Budget) -> dict:
 
 
 def section_train_step(device: torch.device, sizes: Sizes, budget: Budget) -> dict:
-    from torch._dynamo.utils import counters
-
     if device.type == "cuda":  # the training loop's precision settings
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -513,17 +527,17 @@ def section_train_step(device: torch.device, sizes: Sizes, budget: Budget) -> di
         }
         # Eager gets a third of the model's share, compile (with its compile time) the rest.
         row["eager"] = _arms(step, sizes.step_rounds, Budget(share.left() / 3))
+        # Breaks of the whole forward in one graph: model, taps and the dispersive term.
+        breaks, reasons = graph_breaks(step.loss, True, step.model)
         torch._dynamo.reset()
-        counters.clear()
         step.fn = torch.compile(step.model, backend=sizes.compile_backend)
         t0 = time.perf_counter()
         step(True)
         sync(device)
         row["compile_s"] = time.perf_counter() - t0
         row["compiled"] = _arms(step, sizes.step_rounds, share)
-        breaks = sum(counters["graph_break"].values())
         row["graph_breaks"] = breaks
-        row["graph_break_reasons"] = sorted(str(k).splitlines()[0] for k in counters["graph_break"])
+        row["graph_break_reasons"] = reasons
         row["compile_backend"] = sizes.compile_backend
         checks.append(
             check(f"{name}: torch.compile with taps, graph breaks", breaks == 0, f"{breaks}")

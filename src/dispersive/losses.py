@@ -37,6 +37,15 @@ analytic backwards: the loss is often called per group of a few
 samples, where the cost of separate small operations dominates. Non-finite input is detected
 from the distances or the loss (no separate pass over z) and named with a clear error.
 
+torch.compile: the eager code branches on data (near-duplicate pairs, the non-finite check),
+which would break the graph. Under compilation (``torch.compiler.is_compiling()``) every public
+entry point calls one custom operator, ``dispersive::loss_and_grads``, that runs the eager code
+inside and returns the loss with its gradient (computed in the same call when z requires grad;
+first-order only). So a function calling the loss compiles with ``fullgraph=True`` and gives
+the eager values, gradients (up to the rounding of scaling them by the incoming gradient) and
+``NonFiniteInputError`` (raised from inside the operator when it runs). The operator is opaque
+to the compiler: nothing of the loss is fused or reordered.
+
 Scopes: ``scope="local"`` (default, the authors' semantics) uses this process's batch.
 ``scope="global"`` gathers z from every ``torch.distributed`` rank with a differentiable
 all_gather; see :func:`dispersive_loss` for the exact gradient relationship. Without an
@@ -711,6 +720,151 @@ def _gather(z: Tensor, scope: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# torch.compile: the loss as one opaque custom operator (no graph break)
+#
+# The eager code branches on data (near-duplicate pairs found with nonzero, the non-finite
+# check's .item()), which torch.compile can only trace by breaking the graph. Under compilation
+# the public entry points call one custom operator instead: it runs the eager code itself
+# (values, gradients and NonFiniteInputError exactly as in eager mode) and returns the loss
+# with its gradient, computed in the same call when z requires grad; its backward scales that
+# gradient by the incoming one (first-order only, as the eager loss's fused backwards).
+# --------------------------------------------------------------------------------------------
+
+
+def _compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+def _eager_call(kind: str, z: Tensor, z_pos: Tensor | None, opts: dict) -> Tensor:
+    if kind == "loss":
+        return dispersive_loss(z, **opts)
+    if kind == "contrastive":
+        return contrastive_loss(z, z_pos, **opts)
+    module = DispersiveLoss(**opts)  # kind "module": DispersiveLoss's groups
+    return module(z) if z_pos is None else module.contrastive(z, z_pos)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op() -> Iterator[None]:
+    # A custom operator's implementation runs below the autograd dispatch keys (excluded in
+    # thread-local state); the eager loss needs them back to differentiate itself.
+    keys = torch._C.DispatchKey
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    excluded = excluded.remove(keys.AutogradFunctionality).remove(keys.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded):
+        yield
+
+
+def _loss_and_grads_impl(
+    z: Tensor,
+    z_pos: Tensor | None,
+    kind: str,
+    variant: str,
+    tau: float,
+    margin: float,
+    normalize_by_dim: bool,
+    include_diagonal: bool,
+    scope: str,
+    group_size: int,
+    off_diagonal_weight: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    opts = dict(
+        variant=variant,
+        tau=tau,
+        margin=margin,
+        normalize_by_dim=normalize_by_dim,
+        include_diagonal=include_diagonal,
+        scope=scope,
+    )
+    if kind == "contrastive":
+        opts["off_diagonal_weight"] = off_diagonal_weight
+    elif kind == "module":
+        opts["group_size"] = group_size
+    with _autograd_inside_op(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need_grad) for t in (z, z_pos) if t is not None]
+        loss = _eager_call(kind, leaves[0], leaves[1] if len(leaves) > 1 else None, opts)
+        if need_grad:
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grads = [
+                torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(leaves, grads)
+            ]
+        else:
+            grads = [t.new_empty(0) for t in leaves]
+    if z_pos is None:
+        grads.append(z.new_empty(0))
+    return loss.detach(), grads[0], grads[1]
+
+
+def _loss_and_grads_fake(
+    z,
+    z_pos,
+    kind,
+    variant,
+    tau,
+    margin,
+    normalize_by_dim,
+    include_diagonal,
+    scope,
+    group_size,
+    off_diagonal_weight,
+    need_grad,
+):
+    dtype = _compute_dtype(z)
+    if z_pos is not None:
+        dtype = torch.promote_types(dtype, _compute_dtype(z_pos))
+    loss = z.new_empty((), dtype=dtype)
+    grads = [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need_grad else t.new_empty(0)
+        for t in (z, z_pos if z_pos is not None else z)
+    ]
+    if z_pos is None:
+        grads[1] = z.new_empty(0)
+    return loss, grads[0], grads[1]
+
+
+def _loss_and_grads_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _loss_and_grads_backward(ctx, grad_loss, _gz, _gp):
+    gz, gp = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = (grad_loss * gz if need[0] else None, grad_loss * gp if need[1] else None)
+    return *grads, *[None] * 10
+
+
+# A custom operator needs torch >= 2.4 (and the dispatcher's key guards, private API); without
+# them torch.compile traces the eager code (with graph breaks).
+_LOSS_AND_GRADS = None
+if hasattr(torch.library, "custom_op") and hasattr(torch._C, "_ForceDispatchKeyGuard"):
+    _LOSS_AND_GRADS = torch.library.custom_op("dispersive::loss_and_grads", mutates_args=())(
+        _loss_and_grads_impl
+    )
+    _LOSS_AND_GRADS.register_fake(_loss_and_grads_fake)
+    _LOSS_AND_GRADS.register_autograd(_loss_and_grads_backward, setup_context=_loss_and_grads_setup)
+
+
+def _compiled_call(kind: str, z: Tensor, z_pos: Tensor | None, **opts) -> Tensor:
+    """The loss through :data:`_LOSS_AND_GRADS` (under torch.compile)."""
+    tensors = [t for t in (z, z_pos) if t is not None]
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    full = dict(
+        variant="infonce_l2",
+        tau=0.5,
+        margin=1.0,
+        normalize_by_dim=True,
+        include_diagonal=True,
+        scope="local",
+        group_size=0,
+        off_diagonal_weight=1.0,
+    )
+    full.update(opts)
+    return _LOSS_AND_GRADS(z, z_pos, kind, need_grad=need_grad, **full)[0]
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
@@ -750,12 +904,20 @@ def dispersive_loss(
         A scalar tensor (float32, or float64 for float64 input).
 
     Raises:
-        ValueError: B < 2, non-finite z, z with fewer than 2 dims, unknown variant/scope,
-            tau or margin not > 0, different ``dim`` on different ranks (global scope).
+        ValueError: B < 2, non-finite z (``NonFiniteInputError``, also under torch.compile),
+            z with fewer than 2 dims, unknown variant/scope, tau or margin not > 0, different
+            ``dim`` on different ranks (global scope).
         TypeError: z is not a floating-point tensor.
+
+    Under ``torch.compile`` the call is one opaque custom operator (no graph break; see the
+    module docstring).
     """
     _check_options(variant, tau, margin, scope)
     z2 = _flatten(z)
+    if _LOSS_AND_GRADS is not None and _compiling():
+        opts = dict(variant=variant, tau=tau, margin=margin, scope=scope)
+        opts |= dict(normalize_by_dim=normalize_by_dim, include_diagonal=include_diagonal)
+        return _compiled_call("loss", z, None, **opts)
     dtype = _compute_dtype(z2)
     with _no_autocast(z2.device):
         if scope == "global" and _world_size() > 1:
@@ -818,6 +980,8 @@ class DispersiveLoss(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         """z (B, ...) -> scalar loss (the mean over groups of ``group_size``)."""
         g = self.group_size
+        if _LOSS_AND_GRADS is not None and _compiling():
+            return _compiled_call("module", z, None, group_size=g, **self._options())
         if (
             self.variant == "infonce_l2"
             and self.scope == "local"
@@ -834,6 +998,8 @@ class DispersiveLoss(nn.Module):
 
     def contrastive(self, z: Tensor, z_pos: Tensor) -> Tensor:
         """:func:`contrastive_loss` of two views (B, ...) with the same options and groups."""
+        if _LOSS_AND_GRADS is not None and _compiling():
+            return _compiled_call("module", z, z_pos, group_size=self.group_size, **self._options())
         fn = lambda a, b: contrastive_loss(a, b, **self._options())  # noqa: E731
         return _group_mean(fn, self.group_size, z, z_pos)
 
@@ -976,6 +1142,11 @@ def contrastive_loss(
             f"z and z_pos must have the same shape (one positive per sample); got "
             f"{tuple(z.shape)} and {tuple(z_pos.shape)}"
         )
+    if _LOSS_AND_GRADS is not None and _compiling():
+        opts = dict(variant=variant, tau=tau, margin=margin, scope=scope)
+        opts |= dict(normalize_by_dim=normalize_by_dim, include_diagonal=include_diagonal)
+        opts["off_diagonal_weight"] = off_diagonal_weight
+        return _compiled_call("contrastive", z, z_pos, **opts)
     dtype = torch.promote_types(_compute_dtype(z2), _compute_dtype(p2))
     with _no_autocast(z2.device):
         if scope == "global" and _world_size() > 1:
