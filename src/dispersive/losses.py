@@ -37,6 +37,17 @@ analytic backwards: the loss is often called per group of a few
 samples, where the cost of separate small operations dominates. Non-finite input is detected
 from the distances or the loss (no separate pass over z) and named with a clear error.
 
+Host syncs (reading a value back from an accelerator waits for its queue): on the CPU the
+checks above read one scalar per call. Off the CPU the checks that exist only for the error
+do not read anything back: the pdist paths (InfoNCE-l2 of small batches, also grouped) and
+the covariance, cosine and contrastive losses then return NaN for non-finite input instead of
+raising (the training loop's finiteness guard on the gradient norm, a value it reads anyway,
+skips such a step, as it does after the error). What remains per call off the CPU: the
+Gram path of InfoNCE-l2 and hinge counts its near-duplicate pairs (one read, which also
+catches non-finite input there and raises), the cosine variant asks whether it has any (one
+read), and ``scope="global"`` exchanges batch sizes; each finds which pairs need exact
+differences, a data-dependent shape.
+
 torch.compile: the eager code branches on data (near-duplicate pairs, the non-finite check),
 which would break the graph. Under compilation (``torch.compiler.is_compiling()``) every public
 entry point calls one custom operator, ``dispersive::loss_and_grads``, that runs the eager code
@@ -198,10 +209,27 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _host_checks(device: torch.device) -> bool:
+    """Whether a finiteness check may read a value back to the host: on the CPU that is
+    free; on an accelerator it waits for the queue to drain (a host sync per call). There the
+    checks that exist only for the error are folded into the returned value instead (NaN for
+    non-finite input; the training loop's guard on the gradient norm, a value it reads anyway,
+    then skips the step)."""
+    return device.type == "cpu"
+
+
+def _nan_if_nonfinite(loss: Tensor, probe: Tensor) -> Tensor:
+    # probe.sum() * 0 is NaN when the probe holds a NaN or an Inf, else exactly 0: no sync.
+    return loss + probe.sum() * 0
+
+
 def _checked(loss: Tensor, *named: tuple[Tensor, str]) -> Tensor:
     # Non-finite input makes the loss non-finite (NaN/Inf reach every Gram entry through the
     # batch mean or the norms), so checking the scalar replaces a pass over z; the inputs are
-    # then searched to name the problem (a finite overflow of the loss is not refused).
+    # then searched to name the problem (a finite overflow of the loss is not refused). Off
+    # the CPU the non-finite loss is returned as it is (no host sync, see _host_checks).
+    if not _host_checks(loss.device):
+        return loss
     if not math.isfinite(loss.item()):
         for t, name in named:
             _check_finite(t, name)
@@ -494,14 +522,15 @@ class _InfoNCEPdist(torch.autograd.Function):
         zz = (z if z.dtype == dtype else z.to(dtype)).contiguous()
         pd = torch.nn.functional.pdist(zz)
         # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
-        if not math.isfinite(pd.sum().item()):
+        host = _host_checks(z.device)
+        if host and not math.isfinite(pd.sum().item()):
             _check_finite(z, "z")
         loss, e, total = _infonce_from_pdist(pd, z.shape[0], coef, diag)
         # dL/dpd_k = (2 e_k / total) * dx_k/dpd_k, x_k = -coef pd_k^2 (both triangles).
         grad_pd = e.mul_(pd).mul_(total.reciprocal().mul_(-4 * coef))
         ctx.save_for_backward(zz, pd, grad_pd)
         ctx.in_dtype = z.dtype
-        return loss
+        return loss if host else _nan_if_nonfinite(loss, pd)
 
     @staticmethod
     @once_differentiable
@@ -1030,7 +1059,8 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
         zs = z.reshape(-1, g, z.shape[1]).contiguous()  # _pdist_backward needs it
         pd = torch.stack([torch.nn.functional.pdist(zk) for zk in zs])  # (k, g (g - 1) / 2)
         # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
-        if not math.isfinite(pd.sum().item()):
+        host = _host_checks(z.device)
+        if host and not math.isfinite(pd.sum().item()):
             _check_finite(z, "z")
         x = pd.square().mul_(-coef)
         if diag:  # the diagonal's logits are exactly 0, the largest: no shift needed
@@ -1046,7 +1076,7 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
         # As _InfoNCEPdist: dL/dpd_k = e_k pd_k (-4 coef / total), per group.
         grad_pd = e.mul_(pd).mul_(total.reciprocal().mul_(-4 * coef)[:, None])
         ctx.save_for_backward(zs, pd, grad_pd)
-        return losses.mean()
+        return losses.mean() if host else _nan_if_nonfinite(losses.mean(), pd)
 
     @staticmethod
     @once_differentiable
