@@ -16,13 +16,7 @@ from dispersive.train.ema import EMA, unwrap_model
 TINY_MODEL = dict(name="SiT-XS/4", input_size=8, in_channels=1, num_classes=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; one intra-op thread avoids OpenMP oversubscription.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(step: int) -> dict:

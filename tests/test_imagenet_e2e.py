@@ -35,11 +35,13 @@ import numpy as np
 import pytest
 import torch
 
+from _tiny import save_tiny_vae
+
 pytest.importorskip("diffusers")
 
 from dispersive.cli import main  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "imagenet256-sit-b2-disp.toml"
@@ -47,15 +49,6 @@ SIZE = 16  # pixels; the tiny VAE downsamples by 2 -> 4x8x8 latents
 CLASSES = {"n01440764": 6, "n01443537": 6}  # ImageNet-style synset folder names
 STEPS = 3
 TIMEOUT = 200  # a rank that hangs at exit fails the test instead of the suite
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: thread hand-off would dominate on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _env() -> dict:
@@ -77,7 +70,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Images, the VAE and the extracted latents, shared by every test of the module."""
-    from diffusers import AutoencoderKL
     from PIL import Image
 
     root = tmp_path_factory.mktemp("imagenet-e2e")
@@ -93,17 +85,7 @@ def work(tmp_path_factory) -> Path:
             ext = "JPEG" if i % 2 == 0 else "png"  # ImageNet files are .JPEG
             Image.fromarray(img.astype(np.uint8)).save(root / "train" / synset / f"{i}.{ext}")
 
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SIZE,
-    ).save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae", SIZE)
 
     # Extraction on 2 node ranks: 3 shards of 4 images, dealt round-robin (0, 2 | 1).
     argv = ["-m", "dispersive", "extract-latents", str(root / "train"), str(root / "latents")]

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from _tiny import save_tiny_vae
+
 pytest.importorskip("diffusers")
 
 from dispersive.cli import main  # noqa: E402
@@ -29,34 +31,12 @@ from dispersive.train.latents import (  # noqa: E402
 SIZE = 16  # pixels; the tiny VAE downsamples by 2 -> 8x8x4 latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: with 2 OpenMP threads on a busy machine the thread hand-off dominates
-    # (1 s vs 3 ms per encode here), so this module runs single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SIZE,
-    )
-    d = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(d)
-    return d
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -109,21 +109,25 @@ def batch_with_duplicates(b, dim, seed, sigma, offset, dups):
 
 
 _dups = st.lists(st.one_of(st.just(0.0), st.floats(1e-7, 1e-1)), min_size=1, max_size=4)
+# What both properties draw alike: the batch's seed and duplicates, the variant, the diagonal.
+_shared = {
+    "seed": st.integers(0, 2**31 - 1),
+    "dups": _dups,
+    "variant": st.sampled_from(VARIANTS),
+    "diag": st.booleans(),
+}
 
 
 @settings(max_examples=150, deadline=None)
 @given(
     b=st.integers(2, 10),
     dim=st.integers(1, 40),
-    seed=st.integers(0, 2**31 - 1),
     log_sigma=st.floats(-2, 1.5),
     offset=st.sampled_from([0.0, 1.0, 30.0]),
-    dups=_dups,
-    variant=st.sampled_from(VARIANTS),
     tau=st.sampled_from([0.05, 0.1, 0.5, 1.0, 2.0]),
-    diag=st.booleans(),
     normalize_by_dim=st.booleans(),
     path=st.sampled_from(["auto", "gram", "chunked"]),
+    **_shared,
 )
 def test_value_and_gradient_match_float64_with_duplicates(
     b, dim, seed, log_sigma, offset, dups, variant, tau, diag, normalize_by_dim, path
@@ -174,13 +178,10 @@ def test_value_and_gradient_match_float64_with_duplicates(
 @given(
     b=st.integers(2, 8),
     dim=st.integers(1, 24),
-    seed=st.integers(0, 2**31 - 1),
     log_sigma=st.floats(-1, 1),
-    dups=_dups,
     log_view_gap=st.floats(-7, -1),
-    variant=st.sampled_from(VARIANTS),
     tau=st.sampled_from([0.1, 0.5, 1.0]),
-    diag=st.booleans(),
+    **_shared,
 )
 def test_contrastive_matches_float64_with_nearly_equal_views(
     b, dim, seed, log_sigma, dups, log_view_gap, variant, tau, diag

@@ -24,13 +24,7 @@ TINY = {
 SHAPES = [(28, 1), (32, 3), (32, 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add synchronisation, which is very slow on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -23,12 +23,7 @@ from dispersive.models.official import convert_official, official_state_dict, re
 FREQ_DIM = 256  # the official TimestepEmbedder's frequency_embedding_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

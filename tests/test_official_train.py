@@ -27,12 +27,7 @@ BASE = [
 CONVENTIONS = {"pos_embed": "wh", "learn_sigma": True, "time_scale": 1.0, "time_origin": "noise"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _official(tmp_path: Path, seed: int = 0, **kw) -> Path:

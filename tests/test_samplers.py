@@ -36,14 +36,7 @@ MU = torch.tensor([0.5, -1.0, 0.2], dtype=F64)
 S = torch.tensor([0.3, 0.8, 0.5], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are small: intra-op threads only add overhead, and on a busy machine their
-    # spinning made elementwise trig 100x slower. Restored after the module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Gaussian:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from _tiny import tiny_unet2d
 from dispersive.taps import FeatureTap, module_names, resolve_module, unwrap
 
 VOCAB, T, D, DEPTH, B = 11, 5, 16, 4, 6
@@ -476,18 +477,8 @@ def test_tap_created_after_compiled_run_is_loud(tokens):
 
 @pytest.mark.slow
 def test_diffusers_unet2d():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    pytest.importorskip("diffusers")
+    unet = tiny_unet2d(1, attention=False)
     names = [
         "down_blocks.1.resnets.0",
         "mid_block",

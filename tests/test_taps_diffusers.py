@@ -11,35 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tiny import tiny_unet2d
+
 diffusers = pytest.importorskip("diffusers")
 
 from dispersive import FeatureTap, dispersive_loss  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: thread hand-off would dominate on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-    )
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def tiny_dit() -> torch.nn.Module:
@@ -76,7 +54,7 @@ def unet_mid_by_hand(unet, x, t):
 
 
 def test_unet2d_mid_block_value_and_gradient():
-    unet = tiny_unet()
+    unet = tiny_unet2d(3, attention=True)
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([3, 250, 500, 999])
     tap = FeatureTap(unet, ["mid_block", "down_blocks.1.attentions.0"])
     unet(x, t)
@@ -146,7 +124,7 @@ def test_readme_diffusers_example():
     # The README's example for diffusers users, with a tiny UNet and diffusers' own scheduler.
     from diffusers import DDPMScheduler
 
-    unet, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
+    unet, scheduler = tiny_unet2d(3, attention=True), DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
