@@ -19,6 +19,7 @@ Runs are found in runs/experiments/fmnist-runs (or --runs DIR) by their config.t
 from __future__ import annotations
 
 import argparse
+import json
 import tomllib
 from pathlib import Path
 
@@ -168,7 +169,18 @@ def _label(d: dict) -> str:
     return f"{VARIANT_NAMES[d['variant']]}, lambda={d['weight']}, tau={d['tau']}, {layers}{extra}"
 
 
-def _paired_values(runs: Path, step: int):
+def _value(run_dir: Path, step: int, final: str | None) -> float | None:
+    """The run's Fréchet distance at ``step``: the logged proxy FID (1,000 samples), or with
+    ``final`` the final evaluation of that name (``final_eval/NAME-stepSTEP.json``, e.g. the
+    5,000-sample "5k" of the later grids)."""
+    if final is not None:
+        path = run_dir / "final_eval" / f"{final}-step{step}.json"
+        return float(json.loads(path.read_text())["fid"]) if path.is_file() else None
+    at = [r for r in read_metrics(run_dir) if r.get("step") == step and "proxy_fid" in r]
+    return float(at[-1]["proxy_fid"]) if at else None
+
+
+def _paired_values(runs: Path, step: int, final: str | None = None):
     """Proxy FID at ``step`` per seed: the baseline's, every dispersive arm's by label, and
     each run's host (``host_of``: key and sessions) by (label, seed)."""
     from types import SimpleNamespace
@@ -181,10 +193,10 @@ def _paired_values(runs: Path, step: int):
         disp = _dispersive(d)
         if disp is None or (disp["weight"] == 0 and not _is_baseline(disp)):
             continue
-        at = [r for r in read_metrics(d) if r.get("step") == step and "proxy_fid" in r]
-        if at:
+        value = _value(d, step, final)
+        if value is not None:
             arm = "baseline" if disp["weight"] == 0 else _label(disp)
-            values.setdefault(arm, {})[_seed(d)] = float(at[-1]["proxy_fid"])
+            values.setdefault(arm, {})[_seed(d)] = value
             host, sessions = host_of(d)
             hosts[arm, _seed(d)] = SimpleNamespace(host=host, sessions=sessions)
     return values.pop("baseline", {}), values, hosts
@@ -200,7 +212,7 @@ def t_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, float |
     return mean, sd or 0.0, t_ci_halfwidth(sd, n, level)
 
 
-def paired(runs: Path, step: int = 4000) -> str:
+def paired(runs: Path, step: int = 4000, final: str | None = None) -> str:
     """Every dispersive arm on disk against the baseline at the same seed, then pooled.
 
     A pair is (arm's proxy FID - baseline's) at ``step`` for one seed: same initial weights,
@@ -212,7 +224,7 @@ def paired(runs: Path, step: int = 4000) -> str:
     """
     from dispersive.experiments.results import pair_kind
 
-    base, values, hosts = _paired_values(runs, step)
+    base, values, hosts = _paired_values(runs, step, final)
     lines = [
         "| arm | pairs | paired Δ mean | SD (ddof 1) | 95% CI (t) | min | max | better/pairs "
         "| host |",
@@ -263,7 +275,7 @@ def seeds_needed(sd: float, target: float, level: float = 0.95, n_max: int = 100
     return n_max
 
 
-def power(runs: Path, step: int = 4000, rel: float = 0.05) -> str:
+def power(runs: Path, step: int = 4000, rel: float = 0.05, final: str | None = None) -> str:
     """Seeds per arm for a 95% CI of the paired difference within +-rel of the baseline mean.
 
     From the measured paired differences of every arm (sample SD, ddof 1) and, pooled over arms
@@ -272,7 +284,7 @@ def power(runs: Path, step: int = 4000, rel: float = 0.05) -> str:
     """
     from scipy.stats import t
 
-    base, values, _ = _paired_values(runs, step)
+    base, values, _ = _paired_values(runs, step, final)
     bmean = sum(base.values()) / len(base)
     target = rel * bmean
     lines = [
@@ -432,14 +444,25 @@ def main() -> None:
         help="dispersion only: the logged steps to show (runs that lack one are left out)",
     )  # fmt: skip
     p.add_argument("--samples", type=Path, default=None, help="noise only: a sample file")
+    p.add_argument(
+        "--step", type=int, default=4000,
+        help="paired / power: the step compared (4000 for the first pass, 2000 for the screen)",
+    )  # fmt: skip
+    p.add_argument(
+        "--final", default=None,
+        help='paired / power: a final evaluation\'s name (e.g. "5k") instead of the logged '
+        "1,000-sample proxy FID",
+    )  # fmt: skip
     args = p.parse_args()
     if args.table == "dispersion":
         print(dispersion(args.runs, steps=tuple(args.steps), grid=args.grid))
     elif args.table == "noise":
         print(noise(samples=args.samples))
+    elif args.table in ("paired", "power"):
+        table = paired if args.table == "paired" else power
+        print(table(args.runs, step=args.step, final=args.final))
     else:
-        tables = {"long": long, "paired": paired, "norm-fid": norm_fid, "power": power}
-        print(tables[args.table](args.runs))
+        print({"long": long, "norm-fid": norm_fid}[args.table](args.runs))
 
 
 if __name__ == "__main__":

@@ -321,3 +321,30 @@ def test_every_kept_run_keeps_its_folder_name_under_todays_config():
     for path in kept:
         cfg = config_from_dict(tomllib.loads(path.read_text()), source=str(path))
         assert run_hash(cfg) == path.parent.name.rsplit("-s", 1)[0], path
+
+
+def test_paired_reads_a_named_final_evaluation_when_asked(tmp_path):
+    import json
+
+    def run(name, weight, proxy, final) -> None:
+        d = tmp_path / name
+        (d / "final_eval").mkdir(parents=True)
+        (d / "config.toml").write_text(
+            f'[dispersive]\nweight = {weight}\nvariant = "covariance"\ntau = 0.5\n'
+            'layers = ["blocks.0"]\n'
+        )
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 2000, "proxy_fid": proxy}) + "\n")
+        (d / "final_eval" / "5k-step2000.json").write_text(json.dumps({"fid": final}))
+
+    for s, (b, a) in enumerate([(50.0, 49.0), (52.0, 50.0)]):
+        run(f"base-s{s}", 0.0, proxy=60.0, final=b)
+        run(f"cov-s{s}", 0.1, proxy=70.0, final=a)
+    tables = _study_tables()
+    row = tables.paired(tmp_path, step=2000, final="5k").splitlines()[2]
+    # Differences -1 and -2: mean -1.5, SD 0.71, CI half-width t(0.975, 1) * 0.71 / sqrt 2.
+    assert row.startswith(
+        "| Covariance, lambda=0.1, tau=0.5, blocks.0 | 2 | -1.50 | 0.71 | [-7.85, +4.85]"
+    )
+    row = tables.paired(tmp_path, step=2000).splitlines()[2]  # the logged proxy FID
+    assert "| 2 | +10.00 | 0.00 |" in row
+    assert tables.paired(tmp_path, step=4000, final="5k").count("\n") == 1  # nothing at 4000
