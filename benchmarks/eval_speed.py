@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from dispersive.data.datasets import load_fashion_mnist
     from dispersive.eval.features import ASSETS_DIR, REF_STATS_FILE, classifier_metadata
     from dispersive.eval.io import save_npz
     from dispersive.eval.metrics import evaluate
-    from dispersive.train.data import load_fashion_mnist
 
     torch.set_num_threads(args.threads)
     n = args.num or (2000 if args.quick else 10000)

@@ -171,8 +171,8 @@ def _config(file: str, overrides: list[str], batch: int):
     sets = [*overrides, f"train.global_batch={batch}", 'train.device="cpu"', "eval.every=0"]
     cfg = load_config(CONFIGS / file, sets)
     if cfg.data.name == "fashion-mnist":
+        from dispersive.data.datasets import build_dataset
         from dispersive.errors import UserError
-        from dispersive.train.data import build_dataset
 
         try:
             build_dataset(cfg.data, model_cfg=cfg.model)

@@ -74,8 +74,8 @@ def measure(name: str, quick: bool, threads: int) -> dict:
     ]
     cfg = load_config(CONFIGS / file, sets)
     if cfg.data.name == "fashion-mnist":
+        from dispersive.data.datasets import build_dataset
         from dispersive.errors import UserError
-        from dispersive.train.data import build_dataset
 
         try:
             build_dataset(cfg.data, model_cfg=cfg.model)

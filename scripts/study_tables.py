@@ -343,6 +343,7 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
     import numpy as np
     import torch
 
+    from dispersive.data.datasets import load_fashion_mnist
     from dispersive.eval.features import ASSETS_DIR, REF_STATS_FILE, get_extractor
     from dispersive.eval.metrics import (
         feature_statistics,
@@ -350,7 +351,6 @@ def noise(sizes=(1000, 5000), repeats: int = 20, seed: int = 0, samples: Path | 
         kernel_inception_distance,
         load_statistics,
     )
-    from dispersive.train.data import load_fashion_mnist
 
     train, _ = load_fashion_mnist(None, train=True)
     ext = get_extractor("fashion-mnist")

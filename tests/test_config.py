@@ -453,10 +453,10 @@ def test_choices_are_the_librarys_own_names():
     # One source of names: a new variant, path, t distribution, sampler or feature network is
     # added to its library registry and the config accepts it, with nothing copied here.
     from dispersive import losses, paths, samplers, timesteps
+    from dispersive.data.datasets import DATASETS
     from dispersive.eval.features import FEATURES
     from dispersive.generate import KIND_SAMPLERS
     from dispersive.timesteps import TWO_VIEW_MODES
-    from dispersive.train.data import DATASETS
 
     assert CHOICES["dispersive.variant"] is losses.VARIANTS
     assert CHOICES["dispersive.scope"] is losses.SCOPES

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dispersive.errors import UserError
-from dispersive.train.config import Config, apply_overrides
-from dispersive.train.data import (
+from dispersive.data.datasets import (
     FASHION_MNIST_DIR,
     ArrayDataset,
     BatchLoader,
@@ -28,6 +26,8 @@ from dispersive.train.data import (
     restricted_unpickle,
     synthetic_images,
 )
+from dispersive.errors import UserError
+from dispersive.train.config import Config, apply_overrides
 
 # ---------------------------------------------------------------------------------------------
 # Fashion-MNIST (IDX)

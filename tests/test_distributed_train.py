@@ -51,7 +51,7 @@ from dispersive.train.loop import train
 
 if os.environ.get("TEST_FAIL_RANK") == os.environ["RANK"]:
     # This rank raises while fetching its second batch; the other one must not hang.
-    import dispersive.train.data as data
+    import dispersive.data.datasets as data
     real = data.build_dataset
     def build(*args, **kwargs):
         ds = real(*args, **kwargs)

@@ -42,7 +42,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def fmnist_npz(tmp_path_factory):
     try:
-        from dispersive.train.data import load_fashion_mnist
+        from dispersive.data.datasets import load_fashion_mnist
 
         x, _ = load_fashion_mnist(DATA, train=False)
     except Exception as e:  # noqa: BLE001 - any failure means: no data on this machine

@@ -19,7 +19,7 @@ DATA = "/usr/share/datasets/fashion-mnist"
 
 @functools.lru_cache(maxsize=1)
 def _test_set() -> tuple[np.ndarray, np.ndarray]:
-    from dispersive.train.data import load_fashion_mnist
+    from dispersive.data.datasets import load_fashion_mnist
 
     return load_fashion_mnist(DATA, train=False)
 

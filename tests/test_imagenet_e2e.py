@@ -163,8 +163,8 @@ def runs(work) -> dict[str, Path]:
 
 
 def test_two_nodes_extract_the_latents_of_one_process(work):
-    from dispersive.train.data import load_image
-    from dispersive.train.latents import LatentDataset, load_vae
+    from dispersive.data.datasets import load_image
+    from dispersive.data.latents import LatentDataset, load_vae
 
     ds = LatentDataset(work / "latents")
     assert ds.meta["classes"] == list(CLASSES) and len(ds) == sum(CLASSES.values())
@@ -236,12 +236,12 @@ def _frechet_oracle(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 def test_sample_decodes_to_pixels_and_eval_scores_them(work, runs, monkeypatch, capsys):
+    import dispersive.data.latents as latents
     import dispersive.eval.features as features
-    import dispersive.train.latents as latents
+    from dispersive.data.datasets import load_image
     from dispersive.eval.io import load_npz, save_npz, to_uint8
     from dispersive.generate import generate
     from dispersive.train.checkpoint import load_model
-    from dispersive.train.data import load_image
 
     # What reaches the VAE decoder, recorded through the loader `dispersive sample` uses.
     fed: list[torch.Tensor] = []

@@ -15,10 +15,8 @@ from _tiny import save_tiny_vae
 pytest.importorskip("diffusers")
 
 from dispersive.cli import main  # noqa: E402
-from dispersive.errors import UserError  # noqa: E402
-from dispersive.train.config import Config, apply_overrides  # noqa: E402
-from dispersive.train.data import build_dataset, load_image  # noqa: E402
-from dispersive.train.latents import (  # noqa: E402
+from dispersive.data.datasets import build_dataset, load_image  # noqa: E402
+from dispersive.data.latents import (  # noqa: E402
     SD_VAE_SCALE,
     LatentDataset,
     decode_latents,
@@ -27,6 +25,8 @@ from dispersive.train.latents import (  # noqa: E402
     load_vae_from_meta,
     read_meta,
 )
+from dispersive.errors import UserError  # noqa: E402
+from dispersive.train.config import Config, apply_overrides  # noqa: E402
 
 SIZE = 16  # pixels; the tiny VAE downsamples by 2 -> 8x8x4 latents
 

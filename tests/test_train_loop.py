@@ -142,7 +142,7 @@ def test_run_directory_and_metrics(tmp_path):
 
 def _poison(monkeypatch, bad_calls):
     """Make the dataset return NaN images on the given get_batch calls (0-based)."""
-    import dispersive.train.data as data
+    import dispersive.data.datasets as data
 
     real = data.build_dataset
 

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _real_batch(config_dict: dict, num: int, seed: int):
     import torch
 
+    from dispersive.data.datasets import build_dataset
     from dispersive.train.config import config_from_dict
-    from dispersive.train.data import build_dataset
 
     config = config_from_dict(config_dict)
     ds = build_dataset(config.data, model_cfg=config.model, train=True, seed=config.train.seed)

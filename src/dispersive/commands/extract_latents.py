@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dispersive.data.latents import extract_latents
     from dispersive.errors import UserError
     from dispersive.train.distributed import cleanup_distributed, init_distributed
-    from dispersive.train.latents import extract_latents
 
     for name in ("image_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:

@@ -127,7 +127,7 @@ def _decoder(config: dict, device, vae_id: str | None = None):
     data = config.get("data", {})
     if data.get("name") != "latents":
         return None, None
-    from dispersive.train.latents import (
+    from dispersive.data.latents import (
         SD_VAE_SCALE,
         decode_latents,
         load_vae,

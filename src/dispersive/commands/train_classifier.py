@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_split(path: str | None, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images uint8 (N, 28, 28) and labels int64 (N,) (via the training data
     module, which reads the IDX files and explains how to get them when missing)."""
-    from dispersive.train.data import load_fashion_mnist
+    from dispersive.data.datasets import load_fashion_mnist
 
     return load_fashion_mnist(path or None, train=train)
 

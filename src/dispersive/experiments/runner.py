@@ -346,8 +346,8 @@ def fashion_mnist_reference(folder: Path) -> Path:
     The reference of final evaluations with KID (or precision/recall) under the domain
     features: the same 60,000 images as the shipped statistics, written once per folder.
     """
+    from dispersive.data.datasets import load_fashion_mnist
     from dispersive.eval.io import save_npz
-    from dispersive.train.data import load_fashion_mnist
 
     path = Path(folder) / "fashion-mnist-train.npz"
     if not path.is_file():

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dispersive.data.datasets import DATASETS
 from dispersive.errors import UserError
 from dispersive.eval.features import FEATURES
 from dispersive.generate import KIND_SAMPLERS, SAMPLER_OPTIONS
@@ -42,7 +43,6 @@ from dispersive.models.official import WEIGHTS
 from dispersive.paths import PATHS
 from dispersive.samplers import SAMPLERS
 from dispersive.timesteps import T_DISTS, TWO_VIEW_MODES
-from dispersive.train.data import DATASETS
 
 __all__ = [
     "ModelConfig",
@@ -94,7 +94,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "fashion-mnist"  # train.data.DATASETS
+    name: str = "fashion-mnist"  # data.datasets.DATASETS
     path: str = ""  # "" = the dataset's default folder
     hflip: bool = False
     num_workers: int = 0  # DataLoader workers (imagefolder only)

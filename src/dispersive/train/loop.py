@@ -345,7 +345,7 @@ def _data(config: Config, local_batch: int, rank: int, world: int):
     """``(data, next_batch, data_gen)``: the resumable batch source (its ``state_dict`` goes into
     the checkpoint), a function returning this rank's next ``(x, y)``, and the flip generator
     (re-seeded every step from (seed, rank, step), so no per-rank state is saved)."""
-    from dispersive.train import data as data_mod
+    from dispersive.data import datasets as data_mod
 
     seed = config.train.seed
     dataset = data_mod.build_dataset(config.data, model_cfg=config.model, train=True, seed=seed)

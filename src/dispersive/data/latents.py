@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
 from torch import Tensor
 
 from dispersive.atomic import atomic_write, fsync_dir
-from dispersive.errors import UserError
-from dispersive.train.data import (  # the reading side of a latent folder is a dataset
+from dispersive.data.datasets import (  # the reading side of a latent folder is a dataset
     LATENT_FORMAT,
     META_NAME,
     ImageFolderDataset,
@@ -48,7 +48,7 @@ from dispersive.train.data import (  # the reading side of a latent folder is a 
     latent_shard_name,
     read_meta,
 )
-from dispersive.train.distributed import barrier, group_rank_world
+from dispersive.errors import UserError
 
 __all__ = [
     "SD_VAE_SCALE",
@@ -168,7 +168,10 @@ def extract_latents(
     Raises:
         UserError: missing images or VAE, or an OUT_DIR holding a different extraction.
     """
-    rank, world = group_rank_world()
+    # The ranks torchrun started (the process group is the command's; train/ is a layer above).
+    group = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if group else 0
+    world = torch.distributed.get_world_size() if group else 1
     out = Path(out_dir)
     ds = ImageFolderDataset(image_dir, size=image_size)
     # The file list identifies the extraction: a rerun on changed images must not mix shards.
@@ -214,7 +217,8 @@ def extract_latents(
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         if todo:  # record the plan before the first shard lands
             _write_json_atomic(meta_path, {**plan, "complete": False})
-    barrier()  # the stale temporaries are gone before any rank writes its shards
+    if world > 1:  # the stale temporaries are gone before any rank writes its shards
+        torch.distributed.barrier()
     written: list[int] = []
     for k in todo[rank::world]:
         if max_shards is not None and len(written) >= max_shards:
@@ -243,7 +247,8 @@ def extract_latents(
             by = f" [rank {rank}]" if world > 1 else ""
             msg = f"latents: shard {k + 1}/{num_shards} ({len(idx)} images) -> {out}{by}"
             print(msg, flush=True)
-    barrier()  # every rank's shards are in place
+    if world > 1:  # every rank's shards are in place
+        torch.distributed.barrier()
     done = [k for k in range(num_shards) if (out / latent_shard_name(k)).is_dir()]
     complete = len(done) == num_shards
     if plan.get("latent_shape") is None and done:

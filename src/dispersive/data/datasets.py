@@ -8,7 +8,7 @@ Datasets (``build_dataset``; ``data.name``):
   a restricted unpickler that only builds plain containers and numpy arrays.
 - ``imagefolder``: class subfolders of images, ADM centre crop to ``model.input_size``; decoded
   with PIL on demand (use :class:`BatchLoader` for worker processes).
-- ``latents``: shards written by ``dispersive extract-latents`` (see ``train/latents.py``).
+- ``latents``: shards written by ``dispersive extract-latents`` (see ``data/latents.py``).
 - ``synthetic``: deterministic class-dependent gratings, for tests.
 
 Every dataset returns ``x`` float32 (B, C, H, W) in [-1, 1] (latents: scaled VAE latents) and
@@ -475,7 +475,7 @@ def synthetic_images(
 
 
 # ----------------------------------------------------------------------------------------------
-# Latents written by `dispersive extract-latents` (train/latents.py): the reading side
+# Latents written by `dispersive extract-latents` (data/latents.py): the reading side
 
 META_NAME = "meta.json"
 LATENT_FORMAT = "dispersive-latents"
