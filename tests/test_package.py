@@ -54,6 +54,23 @@ def test_every_command_module_has_the_interface():
         assert callable(getattr(module, "run", None)), name
 
 
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("dispersive.train.data", "dispersive.data.datasets"),
+        ("dispersive.train.latents", "dispersive.data.latents"),
+    ],
+)
+def test_moved_modules_keep_their_old_names(old, new, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(new)
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=new):
+        alias = importlib.import_module(old)
+    assert module.__all__ and all(getattr(alias, n) is getattr(module, n) for n in module.__all__)
+
+
 def test_python_m_dispersive_runs():
     out = subprocess.run(
         [sys.executable, "-m", "dispersive", "--version"], capture_output=True, text=True
