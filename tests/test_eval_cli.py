@@ -29,16 +29,6 @@ def _env() -> dict:
     return env
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dispersive", *args],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=120,
-    )
-
-
 @pytest.fixture(scope="module")
 def fmnist_npz(tmp_path_factory):
     try:
@@ -53,38 +43,26 @@ def fmnist_npz(tmp_path_factory):
     return d
 
 
-def test_inception_missing_and_corrupt_weights_are_one_line_errors(tmp_path, fmnist_npz):
+def test_inception_missing_and_corrupt_weights_are_one_line_errors(
+    tmp_path, fmnist_npz, capsys, monkeypatch
+):
+    # In-process (a subprocess costs seconds of imports): main's return code is the exit
+    # status, and any exception but the one-line errors would escape it with its traceback.
+    monkeypatch.delenv("DISPERSIVE_DEBUG", raising=False)
     samples = str(fmnist_npz / "test.npz")
-    missing = _run(
-        "eval",
-        "--samples",
-        samples,
-        "--ref",
-        samples,
-        "--features",
-        "inception",
-        "--inception-weights",
-        str(tmp_path / INCEPTION_FILENAME),
-    )
-    fake = tmp_path / INCEPTION_FILENAME
-    fake.write_bytes(b"\0" * 4096)
-    corrupt = _run(
-        "eval",
-        "--samples",
-        samples,
-        "--ref",
-        samples,
-        "--features",
-        "inception",
-        "--inception-weights",
-        str(fake),
-    )
-    for res, what in ((missing, "not found"), (corrupt, "has sha256")):
-        assert res.returncode == 2, res.stderr
-        lines = res.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    weights = tmp_path / INCEPTION_FILENAME
+    args = ["eval", "--samples", samples, "--ref", samples, "--features", "inception"]
+    args += ["--inception-weights", str(weights)]
+    for what in ("not found", "has sha256"):
+        if what == "has sha256":
+            weights.write_bytes(b"\0" * 4096)
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
         assert INCEPTION_FILENAME in lines[0] and INCEPTION_SHA256 in lines[0] and what in lines[0]
-        assert "Traceback" not in res.stderr
+        assert "Traceback" not in err
 
 
 def test_eval_end_to_end_json_last_line(fmnist_npz, tmp_path, capsys):
