@@ -31,9 +31,15 @@ gpu-check: setup
 # The Fashion-MNIST study of docs/results.md: one queue over five grids (hours on 2 cores;
 # resumable: run it again to continue). The kept runs of results/ are restored first, each
 # pool to its own folder, and count as finished: what this continues is what the study has not
-# run yet (the contrastive grid, seed 2 of the long grid); no kept run is trained again.
+# run yet (the screen's remaining seed-1 arms, the confirmation grid in blocks of 5 seeds, the
+# contrastive grid, seed 2 of the long grid); no kept run is trained again.
 study: setup data
 	bash scripts/study-runs.sh restore
+	.venv/bin/dispersive experiment configs/experiments/fmnist-screen.toml --jobs 2 --threads 1
+	.venv/bin/dispersive experiment configs/experiments/fmnist-confirm.toml --seeds 0 1 2 3 4 \
+	  --jobs 2 --threads 1
+	.venv/bin/dispersive experiment configs/experiments/fmnist-confirm.toml --seeds 5 6 7 8 9 \
+	  --jobs 2 --threads 1
 	.venv/bin/dispersive experiment configs/experiments/fmnist-variants.toml \
 	  configs/experiments/fmnist-contrastive.toml configs/experiments/fmnist-lambda-tau.toml \
 	  configs/experiments/fmnist-blocks.toml configs/experiments/fmnist-long.toml \
