@@ -879,17 +879,8 @@ def _compiled_call(kind: str, z: Tensor, z_pos: Tensor | None, **opts) -> Tensor
     """The loss through :data:`_LOSS_AND_GRADS` (under torch.compile)."""
     tensors = [t for t in (z, z_pos) if t is not None]
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    full = dict(
-        variant="infonce_l2",
-        tau=0.5,
-        margin=1.0,
-        normalize_by_dim=True,
-        include_diagonal=True,
-        scope="local",
-        group_size=0,
-        off_diagonal_weight=1.0,
-    )
-    full.update(opts)
+    # Every caller passes the six loss options; only the other kinds' extras need a value.
+    full = dict(group_size=0, off_diagonal_weight=1.0) | opts
     return _LOSS_AND_GRADS(z, z_pos, kind, need_grad=need_grad, **full)[0]
 
 
