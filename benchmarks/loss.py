@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget", type=float, default=None, help="seconds of timing per point (default 2)"
     )
+    p.add_argument("--B", type=int, nargs="+", default=None, help="only these batch sizes")
+    p.add_argument("--D", type=int, nargs="+", default=None, help="only these dims")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="wall (default) or cpu time"
@@ -322,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         meta = json.loads(args.from_json.read_text())
     else:
-        grid = QUICK_GRID if args.quick else FULL_GRID
+        grid = dict(QUICK_GRID if args.quick else FULL_GRID)
+        grid |= {k: v for k, v in (("B", args.B), ("D", args.D)) if v}
         budget = args.budget or (0.5 if args.quick else 2.0)
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         machine = machine_info(args.threads[-1])
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "threads": args.threads,
             "budget": budget,
-            "quick": args.quick,
+            "quick": args.quick or bool(args.B or args.D),  # a partial grid: prints only
             "clock": args.clock,
             "machine": machine,
             "note": f"Wall time of this run: {(time.perf_counter() - t0) / 60:.1f} min; "

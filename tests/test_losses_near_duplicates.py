@@ -259,3 +259,71 @@ def test_exact_duplicates_at_large_dim_chunked(variant):
     got = dispersive_loss(z32, variant=variant, tau=0.5, margin=2.0)
     got.backward()
     assert_close_to_oracle(got, want, [z32.grad], [z64.grad], floor=oracle_floor(0.5, z))
+
+
+@pytest.mark.parametrize("case", ["spread", "near pair", "common offset"])
+@pytest.mark.parametrize("diag", [True, False])
+def test_pdist_laplacian_backward_at_its_size(case, diag, monkeypatch):
+    # B = 8, D = 2^16: InfoNCE-l2's pdist path takes its backward from one matmul with the
+    # pairs' Laplacian when every pair is far (d_ij^2 > 1/4 (|z_i|^2 + |z_j|^2)), and from
+    # pdist's exact backward otherwise. Through the matmul the isolated near-duplicate pair
+    # (every other weight underflows, so its push-apart term is the whole gradient) measured
+    # 3e-4 off the oracle; a common offset 300x the spread makes every row long against the
+    # distances, so it falls back too.
+    b, dim = 8, 1 << 16
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(b, dim, generator=g)
+    normalize_by_dim = case != "near pair"
+    if case == "near pair":
+        z = 10 * z
+        z[5] = z[2] + 1e-3 * torch.randn(dim, generator=g)
+    if case == "common offset":
+        z += 300.0 * torch.randn(dim, generator=g)
+    calls = []
+    real = losses._pdist_laplacian
+    monkeypatch.setattr(losses, "_pdist_laplacian", lambda *a: calls.append(real(*a)) or calls[-1])
+    z64 = z.double().requires_grad_(True)
+    sq = torch.nn.functional.pdist(z64).square()  # explicit differences in float64
+    sq = sq / dim if normalize_by_dim else sq
+    logits = torch.cat([-sq, -sq] + ([torch.zeros(b, dtype=sq.dtype)] if diag else []))
+    want = torch.logsumexp(logits, 0) - math.log(logits.numel())
+    want.backward()
+    z32 = z.clone().requires_grad_(True)
+    got = dispersive_loss(z32, tau=1.0, include_diagonal=diag, normalize_by_dim=normalize_by_dim)
+    got.backward()
+    assert len(calls) == 1 and (calls[0] is None) == (case != "spread")
+    assert_close_to_oracle(got, want, [z32.grad], [z64.grad], floor=oracle_floor(1.0, z))
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    b=st.integers(2, 10),
+    dim=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+    log_sigma=st.floats(-2, 1.5),
+    offset=st.sampled_from([0.0, 0.3, 1.0, 30.0]),
+    tau=st.sampled_from([0.05, 0.5, 2.0]),
+    diag=st.booleans(),
+)
+def test_pdist_laplacian_backward_as_accurate_as_pdists(b, dim, seed, log_sigma, offset, tau, diag):
+    # The same switch at small sizes (thresholds lowered): Gaussian batches around a common
+    # offset, from all pairs far (Laplacian matmul) to rows long against their distances
+    # (pdist's backward). Judged against pdist's own backward, not RTOL alone: spread batches
+    # at a small tau put float32 logits in the thousands, whose rounding (~1e-4 of the softmax
+    # weights) is the same for both backwards.
+    sigma = 10.0**log_sigma
+    z = batch_with_duplicates(b, dim, seed, sigma, offset * sigma, [])
+    z64 = z.double().requires_grad_(True)
+    oracle(z64, "infonce_l2", tau, 1.0, diag, True).backward()
+    grads = []
+    for lowered in (False, True):
+        z32 = z.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as mp:
+            if lowered:
+                mp.setattr(losses, "_LAPLACIAN_MIN_B", 2)
+                mp.setattr(losses, "_LAPLACIAN_MIN_ELEMS", 0)
+            dispersive_loss(z32, tau=tau, include_diagonal=diag).backward()
+        grads.append(z32.grad.double())
+    scale = float(z64.grad.abs().max())
+    err_pdist, err_lap = (float((g - z64.grad).abs().max()) for g in grads)
+    assert err_lap <= max(2 * err_pdist, RTOL * scale) + oracle_floor(tau, z)

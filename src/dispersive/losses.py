@@ -32,8 +32,10 @@ get their distance and gradient from the differences z_i - z_j instead (exact du
 so values and gradients stay within ~1e-6 of float64 whatever the pairs (issue 12, item 3).
 InfoNCE-l2 of small batches (B <= 8, or B <= 16 with dim <= 4096) takes its distances from
 ``torch.nn.functional.pdist`` instead (the differences of its few pairs, exact, and cheaper
-there than the Gram path's fixed cost). Both InfoNCE-l2 paths are fused autograd Functions with
-analytic backwards: the loss is often called per group of a few
+there than the Gram path's fixed cost); its backward is pdist's own kernel, or on the CPU at
+B = 8 with dim >= 65,536 one matmul with the pairs' Laplacian when no pair is near-duplicate
+(same criterion, uncentred norms; measured 1.1-1.3x faster there). Both InfoNCE-l2 paths are
+fused autograd Functions with analytic backwards: the loss is often called per group of a few
 samples, where the cost of separate small operations dominates. Non-finite input is detected
 from the distances or the loss (no separate pass over z) and named with a clear error.
 
@@ -104,6 +106,13 @@ _NEAR = 0.25
 # (measured with benchmarks/loss.py) ...
 _PDIST_MAX_B = 8
 _PDIST_MAX_DIM = 4096  # ... and batches up to twice that size with at most this many features
+# From B = 8 and this many elements of z (D >= 65,536), the pdist path's backward is one matmul
+# with the pairs' Laplacian when no pair is near-duplicate: pdist's backward kernel (a loop
+# over the pairs per column block, after zero-filling its output) costs more there. Measured
+# slower for B = 4 and for B = 8 at D = 16,384 (benchmarks/loss.py). Smaller z keeps pdist's
+# backward, so the Fashion-MNIST study's groups (16 x 3,136) compute bit for bit as before.
+_LAPLACIAN_MIN_B = 8
+_LAPLACIAN_MIN_ELEMS = 1 << 19
 # At most this many columns per chunk: a float32 matmul accumulating over 300K columns in one
 # call measured 1e-5 relative error in G; chunks of 16K columns summed in G measured 3e-7.
 _CHUNK_COLS = 1 << 14
@@ -525,16 +534,27 @@ class _InfoNCEPdist(torch.autograd.Function):
         host = _host_checks(z.device)
         if host and not math.isfinite(pd.sum().item()):
             _check_finite(z, "z")
-        loss, e, total = _infonce_from_pdist(pd, z.shape[0], coef, diag)
-        # dL/dpd_k = (2 e_k / total) * dx_k/dpd_k, x_k = -coef pd_k^2 (both triangles).
-        grad_pd = e.mul_(pd).mul_(total.reciprocal().mul_(-4 * coef))
-        ctx.save_for_backward(zz, pd, grad_pd)
+        b = z.shape[0]
+        loss, e, total = _infonce_from_pdist(pd, b, coef, diag)
+        # dL/dpd_k = w_k pd_k with w_k = -4 coef e_k / total (x_k = -coef pd_k^2, both
+        # triangles), and dpd_ij/dz_i = (z_i - z_j) / pd_ij: dL/dz_i = sum_j w_ij (z_i - z_j).
+        c = total.reciprocal().mul_(-4 * coef)
+        lap = None
+        if host and b >= _LAPLACIAN_MIN_B and zz.numel() >= _LAPLACIAN_MIN_ELEMS:
+            lap = _pdist_laplacian(zz, pd, e * c, b)
+        if lap is not None:
+            ctx.save_for_backward(zz, lap)
+        else:
+            ctx.save_for_backward(zz, pd, e.mul_(pd).mul_(c))
         ctx.in_dtype = z.dtype
         return loss if host else _nan_if_nonfinite(loss, pd)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if len(ctx.saved_tensors) == 2:  # no near pair: one matmul with the Laplacian
+            zz, lap = ctx.saved_tensors
+            return torch.mm(lap * grad_out, zz).to(ctx.in_dtype), None, None, None
         zz, pd, grad_pd = ctx.saved_tensors
         grad_pd = grad_pd * grad_out
         if _PDIST_BACKWARD is not None:
@@ -544,6 +564,26 @@ class _InfoNCEPdist(torch.autograd.Function):
                 zr = zz.detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(torch.nn.functional.pdist(zr), zr, grad_pd)
         return grad.to(ctx.in_dtype), None, None, None
+
+
+def _pdist_laplacian(z: Tensor, pd: Tensor, w: Tensor, b: int) -> Tensor | None:
+    """The Laplacian ``diag(W 1) - W`` (B, B) of the pair weights ``w`` (pdist order), so that
+    ``sum_j w_ij (z_i - z_j) = (lap @ z)_i``; None when a pair is near-duplicate.
+
+    The matmul forms ``sum_j w_ij z_i - w_ij z_j``, whose rounding (~eps (|z_i| + |z_j|)) is
+    small against the pair's own term only while pd_ij^2 > _NEAR (|z_i|^2 + |z_j|^2) (the
+    Gram path's criterion, here with uncentred norms); otherwise pdist's backward, exact from
+    z_i - z_j, is used. One matmul costs less than pdist's backward kernel at large dim.
+    """
+    n = torch.linalg.vector_norm(z, dim=1).square_()
+    i, j = torch.triu_indices(b, b, 1, device=z.device).unbind(0)
+    if bool((pd.square() <= (n[i] + n[j]).mul_(_NEAR)).any()):
+        return None
+    lap = torch.zeros((b, b), dtype=w.dtype, device=w.device)
+    lap[i, j] = w
+    lap[j, i] = w
+    lap.diagonal().copy_(lap.sum(dim=1)).neg_()
+    return lap.neg_()
 
 
 def _use_pdist(b: int, dim: int) -> bool:
