@@ -33,8 +33,8 @@ so values and gradients stay within ~1e-6 of float64 whatever the pairs (issue 1
 InfoNCE-l2 of small batches (B <= 8, or B <= 16 with dim <= 4096) takes its distances from
 ``torch.nn.functional.pdist`` instead (the differences of its few pairs, exact, and cheaper
 there than the Gram path's fixed cost); its backward is pdist's own kernel, or on the CPU at
-B = 8 with dim >= 65,536 one matmul with the pairs' Laplacian when no pair is near-duplicate
-(same criterion, uncentred norms; measured 1.1-1.3x faster there). Both InfoNCE-l2 paths are
+B = 8 with dim >= 65,536 one matmul with the pairs' Laplacian when no pair is near enough for
+its rounding to matter (measured 1.1-1.3x faster there). Both InfoNCE-l2 paths are
 fused autograd Functions with analytic backwards: the loss is often called per group of a few
 samples, where the cost of separate small operations dominates. Non-finite input is detected
 from the distances or the loss (no separate pass over z) and named with a clear error.
@@ -112,6 +112,7 @@ _PDIST_MAX_DIM = 4096  # ... and batches up to twice that size with at most this
 # slower for B = 4 and for B = 8 at D = 16,384 (benchmarks/loss.py). Smaller z keeps pdist's
 # backward, so the Fashion-MNIST study's groups (16 x 3,136) compute bit for bit as before.
 _LAPLACIAN_MIN_B = 8
+_LAPLACIAN_NEAR = 1 / 64  # its near-pair criterion (see _pdist_laplacian)
 _LAPLACIAN_MIN_ELEMS = 1 << 19
 # At most this many columns per chunk: a float32 matmul accumulating over 300K columns in one
 # call measured 1e-5 relative error in G; chunks of 16K columns summed in G measured 3e-7.
@@ -568,16 +569,18 @@ class _InfoNCEPdist(torch.autograd.Function):
 
 def _pdist_laplacian(z: Tensor, pd: Tensor, w: Tensor, b: int) -> Tensor | None:
     """The Laplacian ``diag(W 1) - W`` (B, B) of the pair weights ``w`` (pdist order), so that
-    ``sum_j w_ij (z_i - z_j) = (lap @ z)_i``; None when a pair is near-duplicate.
+    ``sum_j w_ij (z_i - z_j) = (lap @ z)_i``; None when a pair may be too near for it.
 
-    The matmul forms ``sum_j w_ij z_i - w_ij z_j``, whose rounding (~eps (|z_i| + |z_j|)) is
-    small against the pair's own term only while pd_ij^2 > _NEAR (|z_i|^2 + |z_j|^2) (the
-    Gram path's criterion, here with uncentred norms); otherwise pdist's backward, exact from
-    z_i - z_j, is used. One matmul costs less than pdist's backward kernel at large dim.
+    The matmul forms ``sum_j w_ij z_i - w_ij z_j``, whose rounding (~eps (|z_i| + |z_j|) per
+    term) stays below 12 eps of the pair's own term w_ij pd_ij while pd_ij^2 >
+    _LAPLACIAN_NEAR (r_i^2 + r_j^2), r_i >= |z_i|. The bound r_i = |z_0| + pd_0i (triangle
+    inequality) needs one row's norm, not a pass over z (whose first-call buffers showed in
+    the peak memory). Otherwise pdist's backward, exact from z_i - z_j, is used.
     """
-    n = torch.linalg.vector_norm(z, dim=1).square_()
     i, j = torch.triu_indices(b, b, 1, device=z.device).unbind(0)
-    if bool((pd.square() <= (n[i] + n[j]).mul_(_NEAR)).any()):
+    r = torch.cat([torch.linalg.vector_norm(z[0]).reshape(1), pd[: b - 1]])
+    r[1:] += r[0]  # pdist lists the pairs (0, 1), ..., (0, B - 1) first
+    if bool((pd.square() <= (r[i].square() + r[j].square()).mul_(_LAPLACIAN_NEAR)).any()):
         return None
     lap = torch.zeros((b, b), dtype=w.dtype, device=w.device)
     lap[i, j] = w
