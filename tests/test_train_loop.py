@@ -174,6 +174,40 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "all") is None
 
 
+def _fused_adamw(monkeypatch):
+    """The loop's AdamW fused on the CPU too (the device-side guard's optimizer)."""
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, fused=None, **k: real(*a, fused=True, **k))
+
+
+def test_device_side_guard_skips_exactly_like_the_host_side_one(tmp_path, monkeypatch, capsys):
+    # The accelerator guard (train/guard.py) forced onto the CPU: no value read back per step,
+    # the skip through fused AdamW's found_inf and a weight-0 EMA update. Against the host-side
+    # skip with the same fused AdamW: the same model, EMA, optimizer state and counts, bit for bit.
+    import dispersive.train.loop as loop
+
+    _fused_adamw(monkeypatch)
+    extra = ("train.steps=6", "train.max_nonfinite=3", "train.ckpt_every=6", "train.log_every=2")
+    _poison(monkeypatch, bad_calls={1, 3, 4})
+    host = _run(tmp_path, "host", *extra)
+    monkeypatch.setattr(loop, "_DEFERRED", ("cpu",))
+    _poison(monkeypatch, bad_calls={1, 3, 4})
+    dev = _run(tmp_path, "device", *extra)
+    a, b = load_checkpoint(host), load_checkpoint(dev)
+    _assert_same_state(a, b)
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 3
+    assert [r["nonfinite_skipped"] for r in read_metrics(dev)] == [1, 2, 3]
+    assert [r["nonfinite_skipped"] for r in read_metrics(host)] == [1, 2, 3]
+    log = capsys.readouterr().err
+    assert "steps up to 2: 1 with a non-finite loss or gradient skipped (the last at step 1)" in log
+
+    # Every step bad: stopped at the first settle after max_nonfinite in a row, nothing saved.
+    _poison(monkeypatch, bad_calls=set(range(100)))
+    with pytest.raises(UserError, match="3 steps in a row had a non-finite loss"):
+        _run(tmp_path, "all", "train.steps=9", "train.max_nonfinite=3", "train.log_every=5")
+    assert latest_checkpoint(tmp_path / "all") is None
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dispersive.taps import unwrap
 
@@ -46,20 +46,29 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int | None = None) -> None:
+    def update(
+        self, model: nn.Module, step: int | None = None, mask: Tensor | None = None
+    ) -> None:
         """Move the EMA weights towards ``model``'s current weights.
 
         Args:
             model: the trained model (wrappers are unwrapped).
             step: optimizer steps done before this update (for the warm-up schedule); defaults
                 to the number of updates so far.
+            mask: a 0-dim bool tensor on the model's device; where False the update changes
+                nothing (weight 0), without reading the value back (train/guard.py). Buffers
+                are copied either way (the model's are unchanged by a skipped step).
         """
-        weight = 1.0 - self.current_decay(step)
+        weight: float | Tensor = 1.0 - self.current_decay(step)
+        if mask is not None:
+            weight = mask.to(torch.float32) * weight
         src = unwrap(model)
         ema_params = dict(self.model.named_parameters())
         for name, p in src.named_parameters():
             # lerp_: ema + w * (p - ema), one fused op per tensor.
-            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), weight)
+            e = ema_params[name]
+            w = weight.to(e.dtype) if isinstance(weight, Tensor) else weight
+            e.lerp_(p.detach().to(e.dtype), w)
         ema_buffers = dict(self.model.named_buffers())
         for name, b in src.named_buffers():
             ema_buffers[name].copy_(b)

@@ -67,6 +67,7 @@ from dispersive.train.distributed import (
     init_distributed,
 )
 from dispersive.train.ema import EMA
+from dispersive.train.guard import DeferredGuard, stop_message
 from dispersive.train.logging import MetricsLogger, truncate_metrics
 from dispersive.train.model_init import build_run_model
 from dispersive.train.rundir import CONFIG_FILE, DONE_FILE, RunLock, write_json
@@ -158,9 +159,13 @@ def train(
         data, next_batch, data_gen = _data(config, local_batch, rank, world)
         noise_gen = torch.Generator(device=device).manual_seed(tr.seed)  # same on all ranks
         params = [p for p in model.parameters() if p.requires_grad]
+        # On an accelerator the non-finite guard stays on the device (train/guard.py), which
+        # needs fused AdamW; on the CPU the host-side guard and the default AdamW, unchanged.
+        deferred = DeferredGuard(tr.max_nonfinite, device) if device.type in _DEFERRED else None
         optimizer = torch.optim.AdamW(
-            params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay
-        )
+            params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay,
+            fused=True if deferred is not None else None,
+        )  # fmt: skip
 
         # ---- Resume, then the run directory (resolved config before step 0) ------------------
         step, nonfinite_total = 0, 0
@@ -239,7 +244,11 @@ def train(
             )
             # After DDP's all-reduce the norm is identical on every rank, so all ranks take the
             # same skip decision without an extra collective.
-            if not bool(torch.isfinite(grad_norm)):
+            if deferred is not None:  # decided on the device: nothing read back (guard.py)
+                finite, optimizer.found_inf = deferred.record(grad_norm, step)
+                _optimizer_step(optimizer, params, opt_cfg, step, grad_norm)
+                ema.update(model, step, mask=finite)
+            elif not bool(torch.isfinite(grad_norm)):
                 nonfinite_run += 1
                 nonfinite_total += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -249,23 +258,17 @@ def train(
                     f"{nonfinite_run}/{tr.max_nonfinite} in a row"
                 )
                 if nonfinite_run >= tr.max_nonfinite:
-                    raise UserError(
-                        f"training stopped at step {step}: {nonfinite_run} steps in a row had a "
-                        "non-finite loss or gradient; lower optim.lr, set optim.grad_clip (e.g. "
-                        "1.0) or use train.precision = 'fp32', then start again or resume from "
-                        f"the last checkpoint with --resume {run_dir} --set ..."
-                    )
+                    raise UserError(stop_message(step, nonfinite_run, run_dir))
             else:
                 nonfinite_run = 0
-                if opt_cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(params, opt_cfg.grad_clip, grad_norm)
-                warmup = opt_cfg.warmup_steps
-                lr = opt_cfg.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.step()
+                _optimizer_step(optimizer, params, opt_cfg, step, grad_norm)
                 ema.update(model, step)
             step += 1
+            ckpt_step = step % tr.ckpt_every == 0 or step == tr.steps
+            if deferred is not None and (log_step or ckpt_step or step % tr.max_nonfinite == 0):
+                skipped = deferred.settle(step, logger.write, run_dir)
+                nonfinite_total += skipped
+                ema.num_updates -= skipped  # the masked updates of skipped steps did nothing
 
             # Logging: losses, dispersion statistics, block norms (averaged over ranks), speed.
             if log_step:
@@ -302,7 +305,7 @@ def train(
                 logger.write(f"step {step}: proxy_fid {record['proxy_fid']:.3f} (proxy)")
 
             # Checkpoint (rank 0), atomically; keep the last train.keep_last.
-            if info.is_main and (step % tr.ckpt_every == 0 or step == tr.steps):
+            if info.is_main and ckpt_step:
                 state = _checkpoint_state(
                     config, step, model=model, ema=ema, optimizer=optimizer, data=data,
                     noise_gen=noise_gen, nonfinite_total=nonfinite_total,
@@ -327,6 +330,9 @@ def train(
 # ----------------------------------------------------------------------------------------------
 # The loop's helpers, in the order it uses them
 
+# Device types whose non-finite guard stays on the device (train/guard.py; fused AdamW).
+_DEFERRED = ("cuda",)
+
 
 @contextlib.contextmanager
 def _say_which_rank_failed(rank: int, world: int):
@@ -339,6 +345,17 @@ def _say_which_rank_failed(rank: int, world: int):
             msg = " ".join(str(e).split())
             print(f"[rank {rank}] training failed: {type(e).__name__}: {msg}", file=sys.stderr)
         raise
+
+
+def _optimizer_step(optimizer, params, opt_cfg, step: int, grad_norm) -> None:
+    """Clip (optim.grad_clip), set the warm-up learning rate of ``step``, step AdamW."""
+    if opt_cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, opt_cfg.grad_clip, grad_norm)
+    warmup = opt_cfg.warmup_steps
+    lr = opt_cfg.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
 
 
 def _data(config: Config, local_batch: int, rank: int, world: int):
