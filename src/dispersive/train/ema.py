@@ -46,9 +46,7 @@ class EMA:
         return self.decay
 
     @torch.no_grad()
-    def update(
-        self, model: nn.Module, step: int | None = None, mask: Tensor | None = None
-    ) -> None:
+    def update(self, model: nn.Module, step: int | None = None, mask: Tensor | None = None) -> None:
         """Move the EMA weights towards ``model``'s current weights.
 
         Args:
