@@ -8,6 +8,7 @@
     python scripts/study_tables.py paired       # every arm against the baseline, seed by seed
     python scripts/study_tables.py norm-fid     # rank correlation of feature norm and proxy FID
     python scripts/study_tables.py power        # seeds per arm for a 95% CI within +-5%
+    python scripts/study_tables.py paired --final 5k --metric kid  # a final evaluation's KID
     python scripts/study_tables.py noise        # evaluation noise of the proxy FID (real images)
 
 "mean dist" and "active pairs" are logged on the run's first loss layer at the run's tau (the
@@ -169,18 +170,20 @@ def _label(d: dict) -> str:
     return f"{VARIANT_NAMES[d['variant']]}, lambda={d['weight']}, tau={d['tau']}, {layers}{extra}"
 
 
-def _value(run_dir: Path, step: int, final: str | None) -> float | None:
+def _value(run_dir: Path, step: int, final: str | None, metric: str = "fid") -> float | None:
     """The run's Fréchet distance at ``step``: the logged proxy FID (1,000 samples), or with
     ``final`` the final evaluation of that name (``final_eval/NAME-stepSTEP.json``, e.g. the
-    5,000-sample "5k" of the later grids)."""
+    5,000-sample "5k" of the later grids), whose ``metric`` ("fid" or "kid", x 1e3) it reads."""
     if final is not None:
         path = run_dir / "final_eval" / f"{final}-step{step}.json"
-        return float(json.loads(path.read_text())["fid"]) if path.is_file() else None
+        return float(json.loads(path.read_text())[metric]) if path.is_file() else None
+    if metric != "fid":
+        raise ValueError(f"metric {metric!r} exists only in final evaluations: pass final=NAME")
     at = [r for r in read_metrics(run_dir) if r.get("step") == step and "proxy_fid" in r]
     return float(at[-1]["proxy_fid"]) if at else None
 
 
-def _paired_values(runs: Path, step: int, final: str | None = None):
+def _paired_values(runs: Path, step: int, final: str | None = None, metric: str = "fid"):
     """Proxy FID at ``step`` per seed: the baseline's, every dispersive arm's by label, and
     each run's host (``host_of``: key and sessions) by (label, seed)."""
     from types import SimpleNamespace
@@ -193,7 +196,7 @@ def _paired_values(runs: Path, step: int, final: str | None = None):
         disp = _dispersive(d)
         if disp is None or (disp["weight"] == 0 and not _is_baseline(disp)):
             continue
-        value = _value(d, step, final)
+        value = _value(d, step, final, metric)
         if value is not None:
             arm = "baseline" if disp["weight"] == 0 else _label(disp)
             values.setdefault(arm, {})[_seed(d)] = value
@@ -212,7 +215,7 @@ def t_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, float |
     return mean, sd or 0.0, t_ci_halfwidth(sd, n, level)
 
 
-def paired(runs: Path, step: int = 4000, final: str | None = None) -> str:
+def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str = "fid") -> str:
     """Every dispersive arm on disk against the baseline at the same seed, then pooled.
 
     A pair is (arm's proxy FID - baseline's) at ``step`` for one seed: same initial weights,
@@ -224,7 +227,7 @@ def paired(runs: Path, step: int = 4000, final: str | None = None) -> str:
     """
     from dispersive.experiments.results import pair_kind
 
-    base, values, hosts = _paired_values(runs, step, final)
+    base, values, hosts = _paired_values(runs, step, final, metric)
     lines = [
         "| arm | pairs | paired Δ mean | SD (ddof 1) | 95% CI (t) | min | max | better/pairs "
         "| host |",
@@ -275,7 +278,9 @@ def seeds_needed(sd: float, target: float, level: float = 0.95, n_max: int = 100
     return n_max
 
 
-def power(runs: Path, step: int = 4000, rel: float = 0.05, final: str | None = None) -> str:
+def power(
+    runs: Path, step: int = 4000, rel: float = 0.05, final: str | None = None, metric: str = "fid"
+) -> str:
     """Seeds per arm for a 95% CI of the paired difference within +-rel of the baseline mean.
 
     From the measured paired differences of every arm (sample SD, ddof 1) and, pooled over arms
@@ -284,7 +289,7 @@ def power(runs: Path, step: int = 4000, rel: float = 0.05, final: str | None = N
     """
     from scipy.stats import t
 
-    base, values, _ = _paired_values(runs, step, final)
+    base, values, _ = _paired_values(runs, step, final, metric)
     bmean = sum(base.values()) / len(base)
     target = rel * bmean
     lines = [
@@ -453,14 +458,20 @@ def main() -> None:
         help='paired / power: a final evaluation\'s name (e.g. "5k") instead of the logged '
         "1,000-sample proxy FID",
     )  # fmt: skip
+    p.add_argument(
+        "--metric", choices=["fid", "kid"], default="fid",
+        help="paired / power with --final: the Fréchet distance (default) or KID (x 1e3)",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.metric != "fid" and args.final is None:
+        p.error("--metric kid needs --final NAME (the logged proxy is a Fréchet distance only)")
     if args.table == "dispersion":
         print(dispersion(args.runs, steps=tuple(args.steps), grid=args.grid))
     elif args.table == "noise":
         print(noise(samples=args.samples))
     elif args.table in ("paired", "power"):
         table = paired if args.table == "paired" else power
-        print(table(args.runs, step=args.step, final=args.final))
+        print(table(args.runs, step=args.step, final=args.final, metric=args.metric))
     else:
         print({"long": long, "norm-fid": norm_fid}[args.table](args.runs))
 

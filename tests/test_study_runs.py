@@ -334,7 +334,9 @@ def test_paired_reads_a_named_final_evaluation_when_asked(tmp_path):
             'layers = ["blocks.0"]\n'
         )
         (d / "metrics.jsonl").write_text(json.dumps({"step": 2000, "proxy_fid": proxy}) + "\n")
-        (d / "final_eval" / "5k-step2000.json").write_text(json.dumps({"fid": final}))
+        (d / "final_eval" / "5k-step2000.json").write_text(
+            json.dumps({"fid": final, "kid": final / 10})
+        )
 
     for s, (b, a) in enumerate([(50.0, 49.0), (52.0, 50.0)]):
         run(f"base-s{s}", 0.0, proxy=60.0, final=b)
@@ -348,3 +350,8 @@ def test_paired_reads_a_named_final_evaluation_when_asked(tmp_path):
     row = tables.paired(tmp_path, step=2000).splitlines()[2]  # the logged proxy FID
     assert "| 2 | +10.00 | 0.00 |" in row
     assert tables.paired(tmp_path, step=4000, final="5k").count("\n") == 1  # nothing at 4000
+    # KID (x 1e3) of the same evaluation: a tenth of the FD here, differences -0.1 and -0.2.
+    row = tables.paired(tmp_path, step=2000, final="5k", metric="kid").splitlines()[2]
+    assert "| 2 | -0.15 | 0.07 |" in row
+    with pytest.raises(ValueError, match="only in final evaluations"):
+        tables.paired(tmp_path, step=2000, metric="kid")
