@@ -107,10 +107,11 @@ _NEAR = 0.25
 _PDIST_MAX_B = 8
 _PDIST_MAX_DIM = 4096  # ... and batches up to twice that size with at most this many features
 # From B = 8 and this many elements of z (D >= 65,536), the pdist path's backward is one matmul
-# with the pairs' Laplacian when no pair is near-duplicate: pdist's backward kernel (a loop
-# over the pairs per column block, after zero-filling its output) costs more there. Measured
-# slower for B = 4 and for B = 8 at D = 16,384 (benchmarks/loss.py). Smaller z keeps pdist's
-# backward, so the Fashion-MNIST study's groups (16 x 3,136) compute bit for bit as before.
+# with the pairs' Laplacian when no pair is near enough for its rounding to matter (see
+# _pdist_laplacian): pdist's backward kernel (a loop over the pairs per column block, after
+# zero-filling its output) costs more there. Measured slower for B = 4 and for B = 8 at
+# D = 16,384 (benchmarks/loss.py). Smaller z keeps pdist's backward, so the Fashion-MNIST
+# study's groups (16 x 3,136) compute bit for bit as before.
 _LAPLACIAN_MIN_B = 8
 _LAPLACIAN_NEAR = 1 / 64  # its near-pair criterion (see _pdist_laplacian)
 _LAPLACIAN_MIN_ELEMS = 1 << 19
@@ -574,8 +575,8 @@ def _pdist_laplacian(z: Tensor, pd: Tensor, w: Tensor, b: int) -> Tensor | None:
     The matmul forms ``sum_j w_ij z_i - w_ij z_j``, whose rounding (~eps (|z_i| + |z_j|) per
     term) stays below 12 eps of the pair's own term w_ij pd_ij while pd_ij^2 >
     _LAPLACIAN_NEAR (r_i^2 + r_j^2), r_i >= |z_i|. The bound r_i = |z_0| + pd_0i (triangle
-    inequality) needs one row's norm, not a pass over z (whose first-call buffers showed in
-    the peak memory). Otherwise pdist's backward, exact from z_i - z_j, is used.
+    inequality) needs one row's norm, not a pass over z. Otherwise pdist's backward, exact
+    from z_i - z_j, is used.
     """
     i, j = torch.triu_indices(b, b, 1, device=z.device).unbind(0)
     r = torch.cat([torch.linalg.vector_norm(z[0]).reshape(1), pd[: b - 1]])
@@ -585,7 +586,7 @@ def _pdist_laplacian(z: Tensor, pd: Tensor, w: Tensor, b: int) -> Tensor | None:
     lap = torch.zeros((b, b), dtype=w.dtype, device=w.device)
     lap[i, j] = w
     lap[j, i] = w
-    lap.diagonal().copy_(lap.sum(dim=1)).neg_()
+    _laplacian_(lap, None, None)  # W - diag(W 1)
     return lap.neg_()
 
 

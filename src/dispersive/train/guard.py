@@ -15,7 +15,7 @@ decision on the device instead:
   run of bad steps is stopped at most ``max_in_a_row`` steps late, all of them skipped.
 
 The skip itself is exact: parameters, optimizer state and EMA after a skipped step equal those
-of the host-side skip (tests/test_train_guard.py).
+of the host-side skip (tests/test_train_loop.py, the guard forced onto the CPU).
 """
 
 from __future__ import annotations
