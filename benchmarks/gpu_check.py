@@ -19,8 +19,12 @@ is skipped and recorded as skipped, with the reason:
    (per-round ratio, median and interval), peak memory; eager, then ``torch.compile`` of the
    model with the taps attached. Graph breaks (must be 0) are counted by
    ``torch._dynamo.explain`` over the whole forward in one graph: model, taps and term.
-5. ``sampling``: Heun (``dispersive.generate``) throughput of SiT-XL/2, batch 256, bf16.
-6. ``ddp``: one-process DDP over NCCL started by torchrun (this script's ``--ddp-worker``):
+5. ``train_loop``: the training loop itself (``dispersive.train``) on the device: its
+   device-side non-finite guard (train/guard.py) against the host-side one on poisoned batches,
+   the stop after ``train.max_nonfinite`` bad steps, and the host syncs of a plain step
+   (``torch.cuda.set_sync_debug_mode``; on the CPU the tensor reads to Python instead).
+6. ``sampling``: Heun (``dispersive.generate``) throughput of SiT-XL/2, batch 256, bf16.
+7. ``ddp``: one-process DDP over NCCL started by torchrun (this script's ``--ddp-worker``):
    the tapped, DDP-wrapped model's gradients equal the plain model's.
 
 Writes ``docs/gpu-check.md`` and ``docs/gpu-check.json`` (format: docs/benchmarks.md, "GPU
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -87,7 +92,8 @@ class Sizes:
     sample_model: str
     sample_batch: int
     sample_steps: int  # the paper's Heun steps; measured with fewer when the budget is short
-    ddp_model: str
+    ddp_model: str  # also the training loop's model (section train_loop)
+    loop_sync_steps: int  # n of the host-sync count: runs of n and 2n steps
     compile_backend: str
     budgets: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (plan, min)
 
@@ -109,13 +115,15 @@ FULL = Sizes(
     sample_batch=256,
     sample_steps=250,
     ddp_model="SiT-S/2",
+    loop_sync_steps=4,
     compile_backend="inductor",
     budgets={
         "environment": (5, 1),
         "loss_accuracy": (25, 10),
         "loss_speed": (45, 15),
-        "train_step": (240, 60),
-        "sampling": (70, 20),
+        "train_step": (215, 60),
+        "train_loop": (40, 15),
+        "sampling": (55, 20),
         "ddp": (45, 20),
     },
 )
@@ -133,12 +141,14 @@ TINY = Sizes(
     sample_batch=4,
     sample_steps=3,
     ddp_model="SiT-XS/2",
+    loop_sync_steps=2,
     compile_backend="eager",  # dynamo's graph capture without inductor's C++ build
     budgets={
         "environment": (5, 1),
         "loss_accuracy": (10, 1),
         "loss_speed": (10, 1),
         "train_step": (60, 1),
+        "train_loop": (60, 1),
         "sampling": (10, 1),
         "ddp": (40, 1),
     },
@@ -562,7 +572,229 @@ def section_train_step(device: torch.device, sizes: Sizes, budget: Budget) -> di
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Heun sampling throughput
+# 5. The training loop on the device: its non-finite guard and its host syncs
+# --------------------------------------------------------------------------------------------
+
+LOOP_POISONED = (1, 3, 4)  # steps whose batch is NaN in the guard runs (0-based)
+LOOP_TOL = 1e-4  # device vs host guard, relative to each tensor's largest value (as DDP)
+
+
+@contextlib.contextmanager
+def _patched(obj: object, name: str, value: object):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _poisoned(bad_steps: set[int]):
+    """The loop's dataset with NaN images on the given ``get_batch`` calls (one per step)."""
+    import dispersive.data.datasets as data
+
+    real = data.build_dataset
+
+    def build(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        get, calls = ds.get_batch, [0]
+
+        def get_batch(indices, generator=None):
+            x, y = get(indices, generator=generator)
+            calls[0] += 1
+            return (x * float("nan"), y) if calls[0] - 1 in bad_steps else (x, y)
+
+        ds.get_batch = get_batch
+        return ds
+
+    return _patched(data, "build_dataset", build)
+
+
+def _loop_run(
+    device: torch.device,
+    sizes: Sizes,
+    run_dir: Path,
+    *extra: str,
+    guard: str = "device",
+    bad: set[int] = frozenset(),
+) -> str:
+    """Train ``sizes.ddp_model`` with the loop itself (``dispersive.train``) on synthetic
+    data, the dispersive settings of ``sizes.models[0]``'s config, bf16 autocast and fused
+    AdamW (the device-side guard's optimizer, also for ``guard="host"``, so that the two guards
+    run the same optimizer); returns what the loop wrote to stderr."""
+    import io
+
+    import dispersive.train.loop as loop
+    from dispersive.train.config import load_config
+
+    config = load_config(REPO / sizes.models[0][1], [
+        f'model.name="{sizes.ddp_model}"', f"model.input_size={sizes.input_size}",
+        'data.name="synthetic"', "data.synthetic_size=64", f"train.global_batch={sizes.batch}",
+        f'train.device="{device.type}"', 'train.precision="bf16"', "eval.every=0",
+        "optim.ema_warmup=true", "train.keep_last=1",
+        *([f"dispersive.group_size={sizes.group}"] if sizes.group else []), *extra,
+    ])  # fmt: skip
+    adamw = torch.optim.AdamW
+    err = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        deferred = (device.type,) if guard == "device" else ()
+        stack.enter_context(_patched(loop, "_DEFERRED", deferred))
+        fused = lambda *a, fused=None, **k: adamw(*a, fused=True, **k)  # noqa: E731
+        stack.enter_context(_patched(torch.optim, "AdamW", fused))
+        stack.enter_context(_poisoned(set(bad)))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        loop.train(config, run_dir=run_dir, progress=False)
+    return err.getvalue()
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    """Largest difference of model, EMA and optimizer state between two checkpoints, relative
+    to each tensor's largest magnitude."""
+    pairs = [(a["model"][k], b["model"][k]) for k in a["model"]]
+    pairs += [(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"]]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    pairs += [(sa[i][k], sb[i][k]) for i in sa for k in sa[i]]
+    worst = 0.0
+    for x, y in pairs:
+        x, y = x.double(), y.double()
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        diff = float((x - y).abs().max()) if x.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor methods that read a value back to Python (``item``, ``bool``, ...):
+    on the CPU, where no device sync exists to report, the loop's own reads."""
+
+    NAMES = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__",
+                       "nonzero", "numpy"})  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs(
+    device: torch.device, sizes: Sizes, run_dir: Path, steps: int, weight: float, guard: str
+) -> int:
+    """Host syncs over a whole run of ``steps`` steps (logging, checkpoint and the device-side
+    guard's settle only at the last step): on CUDA those the runtime reports
+    (``torch.cuda.set_sync_debug_mode``); elsewhere the reads counted by :class:`_HostReads`,
+    which include the checks the code runs only on the CPU, where a read costs nothing."""
+    import warnings
+
+    run = functools.partial(
+        _loop_run, device, sizes, run_dir, f"train.steps={steps}", f"train.log_every={steps}",
+        f"train.ckpt_every={steps}", f"train.max_nonfinite={steps + 1}",
+        f"dispersive.weight={weight}", guard=guard,
+    )  # fmt: skip
+    if device.type != "cuda":
+        with _HostReads() as reads:
+            run()
+        return reads.count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def section_train_loop(device: torch.device, sizes: Sizes, budget: Budget) -> dict:
+    """The loop's device-side non-finite guard (train/guard.py) against its host-side one on
+    the same device, the stop after ``train.max_nonfinite`` bad steps in a row, and the host
+    syncs of a plain step, from the difference of two run lengths."""
+    import re
+    import tempfile
+
+    from dispersive.errors import UserError
+    from dispersive.train.checkpoint import latest_checkpoint, load_checkpoint
+    from dispersive.train.config import load_config
+    from dispersive.train.logging import read_metrics
+
+    lambda_ = load_config(REPO / sizes.models[0][1]).dispersive.weight
+
+    res: dict = {"model": sizes.ddp_model, "config": sizes.models[0][1],
+                 "poisoned_steps": list(LOOP_POISONED)}  # fmt: skip
+    checks, targets = [], []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-loop-") as tmp:
+        tmp = Path(tmp)
+        guard = ("train.steps=6", "train.max_nonfinite=3", "train.log_every=2",
+                 "train.ckpt_every=6")  # fmt: skip
+        runs = {}
+        for kind in ("host", "device"):
+            log = _loop_run(device, sizes, tmp / kind, *guard, guard=kind, bad=set(LOOP_POISONED))
+            runs[kind] = (load_checkpoint(tmp / kind), read_metrics(tmp / kind), log)
+        (ha, hm, _), (da, dm, dlog) = runs["host"], runs["device"]
+        res["skipped_host"] = [r["nonfinite_skipped"] for r in hm]
+        res["skipped_device"] = [r["nonfinite_skipped"] for r in dm]
+        res["ema_updates"] = [ha["ema"]["num_updates"], da["ema"]["num_updates"]]
+        res["max_rel_state_diff"] = _max_rel_diff(ha, da)
+        want = [1, 2, 3]  # skipped so far at the logging steps 2, 4, 6
+        checks += [
+            check("device-side guard: skipped steps counted as the host-side guard counts them",
+                  res["skipped_device"] == res["skipped_host"] == want,
+                  f"device {res['skipped_device']}, host {res['skipped_host']}, want {want}"),
+            check("device-side guard: EMA updated on the 3 good steps only",
+                  res["ema_updates"] == [3, 3], f"num_updates {res['ema_updates']}"),
+            check("device-side guard: model, EMA and AdamW state = host-side guard's",
+                  res["max_rel_state_diff"] <= LOOP_TOL,
+                  f"max relative difference {res['max_rel_state_diff']:.1e}"),
+            check("device-side guard: the skip is reported in the log",
+                  "with a non-finite loss or gradient skipped" in dlog, "settle message"),
+        ]  # fmt: skip
+        try:
+            _loop_run(device, sizes, tmp / "all", "train.steps=9", "train.max_nonfinite=3",
+                      "train.log_every=5", bad=set(range(100)))  # fmt: skip
+            stopped, detail = None, "trained 9 bad steps without stopping"
+        except UserError as e:
+            m = re.search(r"stopped at step (\d+): (\d+) steps in a row", str(e))
+            stopped = int(m.group(1)) if m else None
+            detail = f"stopped at step {stopped} (at most 3 steps late)" if m else str(e)[:200]
+        res["stopped_at_step"] = stopped
+        checks.append(check(
+            "device-side guard: training stops after max_nonfinite = 3 bad steps, nothing saved",
+            stopped is not None and 3 <= stopped <= 6 and latest_checkpoint(tmp / "all") is None,
+            detail))  # fmt: skip
+
+        # Host syncs per plain step: (syncs of 2n steps - syncs of n steps) / n. Both runs
+        # share start-up and the last step's logging, checkpoint and settle.
+        n = sizes.loop_sync_steps
+        res["sync_counter"] = (
+            "torch.cuda.set_sync_debug_mode" if device.type == "cuda" else "tensor reads (CPU)"
+        )
+        res["sync_steps"] = n
+        res["syncs_per_plain_step"] = {}
+        arms = (("baseline", "device", 0.0), ("baseline_host_guard", "host", 0.0),
+                ("dispersive", "device", lambda_))  # fmt: skip
+        for arm, guard_kind, weight in arms:
+            if budget.left() <= 0:
+                res["partial"] = True
+                break
+            s1 = _syncs(device, sizes, tmp / f"s-{arm}-1", n, weight, guard_kind)
+            s2 = _syncs(device, sizes, tmp / f"s-{arm}-2", 2 * n, weight, guard_kind)
+            res["syncs_per_plain_step"][arm] = (s2 - s1) / n
+        per_step = res["syncs_per_plain_step"]
+        if device.type == "cuda" and "baseline" in per_step:
+            targets.append(target(
+                "host syncs per plain training step (baseline loop, device-side guard)",
+                "met" if per_step["baseline"] == 0 else "not met",
+                f"{per_step['baseline']:g}; host-side guard "
+                f"{per_step.get('baseline_host_guard', 'not measured')}, dispersive arm "
+                f"{per_step.get('dispersive', 'not measured')}"))  # fmt: skip
+    res["checks"], res["targets"] = checks, targets
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Heun sampling throughput
 # --------------------------------------------------------------------------------------------
 
 
@@ -616,7 +848,7 @@ def section_sampling(device: torch.device, sizes: Sizes, budget: Budget) -> dict
 
 
 # --------------------------------------------------------------------------------------------
-# 6. One-process DDP through torchrun
+# 7. One-process DDP through torchrun
 # --------------------------------------------------------------------------------------------
 
 
@@ -721,6 +953,7 @@ SECTIONS: dict[str, Callable[[torch.device, Sizes, Budget], dict]] = {
     "loss_accuracy": section_loss_accuracy,
     "loss_speed": section_loss_speed,
     "train_step": section_train_step,
+    "train_loop": section_train_loop,
     "sampling": section_sampling,
     "ddp": section_ddp,
 }
@@ -904,6 +1137,22 @@ def markdown(result: dict, tiny: bool) -> str:
             + f"; first compiled step {r['compile_s']:.1f} s."
             for r in s["rows"]
         ]
+    s = secs.get("train_loop", {})
+    if "skipped_device" in s:
+        out += ["", "## The training loop's non-finite guard on the device", "",
+                f"`dispersive.train` itself: {s['model']} with the dispersive settings of "
+                f"`{s['config']}`, bf16 autocast, fused AdamW, synthetic data; the batches of "
+                f"steps {s['poisoned_steps']} are NaN. Skipped steps counted at the logging "
+                f"steps 2, 4, 6: device-side guard {s['skipped_device']}, host-side guard "
+                f"{s['skipped_host']}; EMA updates {s['ema_updates'][1]} / "
+                f"{s['ema_updates'][0]}; model, EMA and AdamW state after 6 steps, largest "
+                f"relative difference {s['max_rel_state_diff']:.1e}. Every batch NaN, "
+                f"`train.max_nonfinite = 3`: stopped at step {s['stopped_at_step']}."]  # fmt: skip
+        if s.get("syncs_per_plain_step"):
+            out += ["", f"Host syncs per plain step ({s['sync_counter']}; runs of "
+                    f"{s['sync_steps']} and {2 * s['sync_steps']} steps): "
+                    + ", ".join(f"{k} {v:g}" for k, v in s["syncs_per_plain_step"].items())
+                    + "."]  # fmt: skip
     s = secs.get("sampling", {})
     if s.get("status") in ("ok", "failed"):
         out += ["", "## Heun sampling (bf16)", "",

@@ -47,11 +47,26 @@ def test_tiny_cpu_run_passes_every_section_and_writes_both_files(tmp_path):
         lo, mid, hi = (a["overhead"][k] for k in ("lo", "median", "hi"))
         assert lo <= mid <= hi
         assert a["overhead_verdict"] in ("met", "not met", "within noise")
+    # The loop's device-side non-finite guard (forced onto the CPU) skips exactly as the
+    # host-side one, stops after max_nonfinite bad steps, and reads nothing back per step: the
+    # host-side guard's one read per plain step is the whole difference.
+    loop = secs["train_loop"]
+    assert loop["skipped_device"] == loop["skipped_host"] == [1, 2, 3]
+    assert loop["ema_updates"] == [3, 3] and loop["max_rel_state_diff"] == 0.0
+    assert loop["stopped_at_step"] == 3
+    reads = loop["syncs_per_plain_step"]
+    assert reads["baseline_host_guard"] - reads["baseline"] == 1
+    assert reads["dispersive"] >= reads["baseline"]
     assert secs["sampling"]["nfe"] == 2 * secs["sampling"]["steps"] - 1  # Heun, final Euler
     ddp = secs["ddp"]
     assert ddp["backend"] == "gloo" and ddp["world_size"] == 1
     assert ddp["max_rel_grad_diff"] == 0.0  # CPU: the same kernels, the same order
-    headings = ["# GPU check", "## Loss value and gradient", "## Training steps"]
+    headings = [
+        "# GPU check",
+        "## Loss value and gradient",
+        "## Training steps",
+        "## The training loop's non-finite guard",
+    ]
     headings += ["## Heun sampling", "## DDP through torchrun", "Tiny CPU smoke run"]
     assert all(h in md for h in headings)
 
