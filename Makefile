@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` (the main job) and `make test`.
-.PHONY: setup data test lint demo bench gpu-check study study-save
+.PHONY: setup data test lint demo bench gpu-check study study-save study-tables
 
 setup:
 	bash scripts/setup.sh
@@ -49,3 +49,14 @@ study: setup data
 # replaces a kept run: a rerun that differs from its kept copy is refused (exit status 1).
 study-save:
 	bash scripts/study-runs.sh save
+
+# Every table of docs/results.md from the runs kept in results/, nothing trained (about a
+# minute): the grids' reports (Tables 2-4 and the screen's and confirmation's own,
+# runs/experiments/<grid>/report.md) and scripts/study_tables.py all (the rest, in page order).
+study-tables: setup data
+	bash scripts/study-runs.sh restore
+	.venv/bin/dispersive experiment configs/experiments/fmnist-screen.toml \
+	  configs/experiments/fmnist-confirm.toml configs/experiments/fmnist-variants.toml \
+	  configs/experiments/fmnist-contrastive.toml configs/experiments/fmnist-lambda-tau.toml \
+	  configs/experiments/fmnist-blocks.toml configs/experiments/fmnist-long.toml --report-only
+	.venv/bin/python scripts/study_tables.py all

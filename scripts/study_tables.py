@@ -10,6 +10,7 @@
     python scripts/study_tables.py power        # seeds per arm for a 95% CI within +-5%
     python scripts/study_tables.py paired --final 5k --metric kid  # a final evaluation's KID
     python scripts/study_tables.py noise        # evaluation noise of the proxy FID (real images)
+    python scripts/study_tables.py all          # every table of docs/results.md, from results/
 
 "mean dist" and "active pairs" are logged on the run's first loss layer at the run's tau (the
 baseline: blocks.0, tau 0.5).
@@ -439,9 +440,48 @@ def norm_fid(runs: Path, step: int = 4000, block: str = "blocks.0") -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+# Every table of docs/results.md this script makes, in the page's order, with the arguments the
+# page names (`all` prints them one after the other; tests check that every command on the page
+# is here). The first pass's runs are read from results/ (the page's commands without --runs
+# read the same runs restored to runs/experiments/fmnist-runs).
+PAGE = (
+    ("The answer so far: the screen, paired FD(5k) at step 2,000",
+     "paired --runs results/fmnist-screen-runs --step 2000 --final 5k"),
+    ("The answer so far: the screen, paired KID(5k)",
+     "paired --runs results/fmnist-screen-runs --step 2000 --final 5k --metric kid"),
+    ("The answer so far: the screen's dispersion",
+     "dispersion --grid screen --steps 100 1000 2000 --runs results/fmnist-screen-runs"),
+    ("The answer so far: power from the screen",
+     "power --runs results/fmnist-screen-runs --step 2000 --final 5k"),
+    ("Confirmation: paired FD(5k) at step 4,000",
+     "paired --runs results/fmnist-confirm-runs --step 4000 --final 5k"),
+    ("Confirmation: paired KID(5k)",
+     "paired --runs results/fmnist-confirm-runs --step 4000 --final 5k --metric kid"),
+    ("Confirmation: power",
+     "power --runs results/fmnist-confirm-runs --step 4000 --final 5k"),
+    ("Confirmation: dispersion",
+     "dispersion --grid screen --steps 100 1000 4000 --runs results/fmnist-confirm-runs"),
+    ("Evaluation noise (real test images)", "noise"),
+    ("First pass: paired proxy FID at step 4,000", "paired --runs results/fmnist-runs"),
+    ("First pass: power", "power --runs results/fmnist-runs"),
+    ("First pass: dispersion of the variants", "dispersion --runs results/fmnist-runs"),
+    ("First pass: dispersion of the blocks",
+     "dispersion --grid blocks --runs results/fmnist-runs"),
+    ("First pass: dispersion of lambda and tau",
+     "dispersion --grid lambda-tau --runs results/fmnist-runs"),
+    ("First pass: feature norm and proxy FID", "norm-fid --runs results/fmnist-runs"),
+    ("Long training: the gap per seed", "long --runs results/fmnist-long-runs"),
+    ("Long training: dispersion",
+     "dispersion --steps 4000 8000 12000 --runs results/fmnist-long-runs"),
+)  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", choices=["dispersion", "long", "paired", "norm-fid", "power", "noise"])
+    p.add_argument(
+        "table", choices=["dispersion", "long", "paired", "norm-fid", "power", "noise", "all"],
+        help="one table, or all: every table of docs/results.md from the runs kept in results/",
+    )  # fmt: skip
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/fmnist-runs"))
     p.add_argument("--grid", choices=sorted(GRIDS), default="variants", help="dispersion only")
     p.add_argument(
@@ -462,18 +502,32 @@ def main() -> None:
         "--metric", choices=["fid", "kid"], default="fid",
         help="paired / power with --final: the Fréchet distance (default) or KID (x 1e3)",
     )  # fmt: skip
-    args = p.parse_args()
+    return p
+
+
+def table(args: argparse.Namespace) -> str:
+    """The table ``args`` ask for (one of the parser's, not ``all``)."""
+    if args.table == "dispersion":
+        return dispersion(args.runs, steps=tuple(args.steps), grid=args.grid)
+    if args.table == "noise":
+        return noise(samples=args.samples)
+    if args.table in ("paired", "power"):
+        fn = paired if args.table == "paired" else power
+        return fn(args.runs, step=args.step, final=args.final, metric=args.metric)
+    return {"long": long, "norm-fid": norm_fid}[args.table](args.runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
     if args.metric != "fid" and args.final is None:
         p.error("--metric kid needs --final NAME (the logged proxy is a Fréchet distance only)")
-    if args.table == "dispersion":
-        print(dispersion(args.runs, steps=tuple(args.steps), grid=args.grid))
-    elif args.table == "noise":
-        print(noise(samples=args.samples))
-    elif args.table in ("paired", "power"):
-        table = paired if args.table == "paired" else power
-        print(table(args.runs, step=args.step, final=args.final, metric=args.metric))
-    else:
-        print({"long": long, "norm-fid": norm_fid}[args.table](args.runs))
+    if args.table != "all":
+        print(table(args))
+        return
+    for heading, command in PAGE:
+        print(f"## {heading}\n\n`python scripts/study_tables.py {command}`\n", flush=True)
+        print(table(p.parse_args(command.split())) + "\n", flush=True)
 
 
 if __name__ == "__main__":

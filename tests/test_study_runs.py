@@ -355,3 +355,50 @@ def test_paired_reads_a_named_final_evaluation_when_asked(tmp_path):
     assert "| 2 | -0.15 | 0.07 |" in row
     with pytest.raises(ValueError, match="only in final evaluations"):
         tables.paired(tmp_path, step=2000, metric="kid")
+
+
+def test_all_covers_every_table_command_of_the_results_page(monkeypatch, capsys):
+    """`study_tables.py all` regenerates the page: every `study_tables.py ...` command that
+    docs/results.md names is one of its entries (same parsed arguments; the page's commands
+    without --runs read the first pass, kept in results/fmnist-runs), and `all` runs each."""
+    import re
+
+    tables = _study_tables()
+    parser = tables.parser()
+    cmd = r"python scripts/study_tables\.py "
+    commands = []
+    parts = (SCRIPT.parents[1] / "docs" / "results.md").read_text().split("```")
+    for i, part in enumerate(parts):
+        if i % 2:  # a code block: one command per line, comments after #
+            commands += re.findall(cmd + r"([^#\n]*?)\s*(?:#|$)", part, flags=re.M)
+        else:  # prose: commands in backticks, wrapped across lines
+            prose = re.sub(r"\s*\n\s*", " ", part)
+            commands += re.findall(cmd + r"([^`]*?)(?:`| and |;|\))", prose)
+    assert len(commands) >= 15
+
+    def key(args: str) -> tuple:
+        ns = vars(parser.parse_args(args.split()))
+        if ns["runs"] == Path("runs/experiments/fmnist-runs"):
+            ns["runs"] = Path("results/fmnist-runs")
+        return tuple(sorted((k, str(v)) for k, v in ns.items()))
+
+    entries = {key(cmd) for _, cmd in tables.PAGE}
+    for cmd in commands:
+        if cmd == "all" or "--samples" in cmd or "|" in cmd:  # itself; a file of one's own;
+            continue  # "--grid blocks|lambda-tau" (two commands in one)
+        assert key(cmd) in entries, f"docs/results.md names `{cmd}`, which `all` does not make"
+
+    calls = []
+    monkeypatch.setattr(tables, "table", lambda args: calls.append(args) or f"T{len(calls)}")
+    tables.main(["all"])
+    out = capsys.readouterr().out
+    assert [key(" ".join(_argv(a))) for a in calls] == [key(c) for _, c in tables.PAGE]
+    assert out.count("\n## ") + out.startswith("## ") == len(tables.PAGE)
+
+
+def _argv(ns) -> list[str]:
+    """A parsed study_tables namespace back as its command line."""
+    argv = [ns.table, "--runs", str(ns.runs), "--grid", ns.grid, "--step", str(ns.step)]
+    argv += ["--steps", *map(str, ns.steps), "--metric", ns.metric]
+    argv += ["--final", ns.final] if ns.final else []
+    return argv + (["--samples", str(ns.samples)] if ns.samples else [])
