@@ -50,9 +50,10 @@ study: setup data
 study-save:
 	bash scripts/study-runs.sh save
 
-# Every table of docs/results.md from the runs kept in results/, nothing trained (about a
-# minute): the grids' reports (Tables 2-4 and the screen's and confirmation's own,
-# runs/experiments/<grid>/report.md) and scripts/study_tables.py all (the rest, in page order).
+# Every table of docs/results.md from the runs kept in results/, nothing trained: the grids'
+# reports (Tables 2-4 and the screen's and confirmation's own, runs/experiments/<grid>/report.md)
+# and scripts/study_tables.py all (the rest, in page order). 14 min from a fresh clone on 2
+# busy cores, most of it the evaluation-noise table (features of all 70,000 images).
 study-tables: setup data
 	bash scripts/study-runs.sh restore
 	.venv/bin/dispersive experiment configs/experiments/fmnist-screen.toml \
