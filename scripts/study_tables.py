@@ -224,30 +224,36 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
     many pairs the arm was better. A pair counts as one only if both runs recorded the same
     host and session (``host.json``); runs from before host recording are shown as "not
     recorded". The pooled rows share the baseline runs between arms, so their pairs are not
-    independent: they count, without a CI.
+    independent: they count, without a CI. The last column is each arm's CI at the Bonferroni
+    level 1 - 0.05 / k for the k arms compared with the one baseline: all k intervals hold
+    together with at least 95% confidence.
     """
     from dispersive.experiments.results import pair_kind
 
     base, values, hosts = _paired_values(runs, step, final, metric)
-    lines = [
-        "| arm | pairs | paired Δ mean | SD (ddof 1) | 95% CI (t) | min | max | better/pairs "
-        "| host |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    pooled: dict[str, list[float]] = {}
-    arms_of: dict[str, int] = {}
-
+    rows = []  # (arm, diffs, seeds, kinds)
     for arm, vals in sorted(values.items()):
         kinds = {s: pair_kind(hosts[arm, s], hosts["baseline", s]) for s in vals if s in base}
         seeds = [s for s, k in kinds.items() if k != "unpaired"]
         diffs = [vals[s] - base[s] for s in seeds]
-        if not diffs:
-            continue
+        if diffs:
+            rows.append((arm, diffs, seeds, kinds))
+    k = len(rows)
+    lines = [
+        "| arm | pairs | paired Δ mean | SD (ddof 1) | 95% CI (t) | min | max | better/pairs "
+        f"| host | {100 - 5 / max(k, 1):.3g}% CI (Bonferroni, {k} arms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pooled: dict[str, list[float]] = {}
+    arms_of: dict[str, int] = {}
+    for arm, diffs, seeds, kinds in rows:
         variant = arm.split(",")[0]
         pooled.setdefault(variant, []).extend(diffs)
         arms_of[variant] = arms_of.get(variant, 0) + 1
         mean, sd, ci = t_ci(diffs)
         interval = "–" if ci is None else f"[{mean - ci:+.2f}, {mean + ci:+.2f}]"
+        ci_k = t_ci(diffs, 1 - 0.05 / k)[2]
+        family = "–" if ci_k is None else f"[{mean - ci_k:+.2f}, {mean + ci_k:+.2f}]"
         unknown = sum(kinds[s] == "unknown" for s in seeds)
         unpaired = len(kinds) - len(seeds)
         host = "not recorded" if unknown == len(seeds) else f"same ({len(seeds) - unknown})"
@@ -255,7 +261,8 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
             host += f"; {unpaired} unpaired (other host/session)"
         lines.append(
             f"| {arm} | {len(diffs)} | {mean:+.2f} | {sd:.2f} | {interval} | {min(diffs):+.2f} "
-            f"| {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/{len(diffs)} | {host} |"
+            f"| {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/{len(diffs)} | {host} "
+            f"| {family} |"
         )
     for variant, diffs in pooled.items():
         if arms_of[variant] > 1:  # one arm: its own row says it all
@@ -264,7 +271,7 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
                 f"| **all {arms_of[variant]} {variant} arms (pooled; pairs share baseline "
                 f"runs, not independent)** | {len(diffs)} | {mean:+.2f} | – | – "
                 f"| {min(diffs):+.2f} | {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/"
-                f"{len(diffs)} | – |"
+                f"{len(diffs)} | – | – |"
             )
     return "\n".join(lines)
 

@@ -157,10 +157,10 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     rows = {r.split(" | ")[0][2:]: r for r in tables.paired(tmp_path).splitlines()[2:]}
     hinge = rows["Hinge, lambda=0.5, tau=0.5, blocks.0"]
     # One pair: no SD beyond 0 and no CI; the host was not recorded (no host.json).
-    assert hinge.endswith("| 1 | +0.50 | 0.00 | – | +0.50 | +0.50 | 0/1 | not recorded |")
-    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith("| 0/1 | not recorded |")
+    assert hinge.endswith("| 1 | +0.50 | 0.00 | – | +0.50 | +0.50 | 0/1 | not recorded | – |")
+    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith("| 0/1 | not recorded | – |")
     pooled = rows["**all 3 InfoNCE l2 arms (pooled; pairs share baseline runs, not independent)**"]
-    assert pooled.endswith("| 3 | +0.67 | – | – | +0.50 | +1.00 | 0/3 | – |")  # lt, b2 and all
+    assert pooled.endswith("| 3 | +0.67 | – | – | +0.50 | +1.00 | 0/3 | – | – |")  # lt, b2 and all
     assert "baseline" not in rows and len(rows) == 7  # 5 arms; 2 variants with 2+ arms
 
     # Rank correlation of the blocks.0 norm (10 + mean dist) with the proxy FID at step 4000,
@@ -402,3 +402,37 @@ def _argv(ns) -> list[str]:
     argv += ["--steps", *map(str, ns.steps), "--metric", ns.metric]
     argv += ["--final", ns.final] if ns.final else []
     return argv + (["--samples", str(ns.samples)] if ns.samples else [])
+
+
+def test_paired_gives_each_arm_a_family_wise_interval_over_the_arms(tmp_path):
+    """With k arms against one baseline the last column is each arm's CI at 1 - 0.05 / k
+    (Bonferroni): wider than its 95% CI, and all k hold together with >= 95% confidence."""
+    import json
+
+    from scipy.stats import t
+
+    def run(name, weight, fd) -> None:
+        d = tmp_path / name
+        (d / "final_eval").mkdir(parents=True)
+        (d / "config.toml").write_text(
+            f'[dispersive]\nweight = {weight}\nvariant = "covariance"\ntau = 0.5\n'
+            'layers = ["blocks.0"]\n'
+        )
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 4000, "proxy_fid": fd}) + "\n")
+        (d / "final_eval" / "5k-step4000.json").write_text(json.dumps({"fid": fd, "kid": 1.0}))
+
+    diffs = {0.1: [1.0, 2.0, 4.0], 0.5: [-1.0, 0.5, -2.0]}
+    for s in range(3):
+        run(f"base-s{s}", 0.0, 30.0)
+        for w, d in diffs.items():
+            run(f"w{w}-s{s}", w, 30.0 + d[s])
+    lines = _study_tables().paired(tmp_path, step=4000, final="5k").splitlines()
+    assert lines[0].endswith("| 97.5% CI (Bonferroni, 2 arms) |")
+    for w, d in diffs.items():
+        (row,) = [ln for ln in lines if f"lambda={w}," in ln]
+        x = np.array(d)
+        se = x.std(ddof=1) / np.sqrt(3)
+        h95, hk = t.ppf(0.975, 2) * se, t.ppf(1 - 0.025 / 2, 2) * se
+        assert f"| [{x.mean() - h95:+.2f}, {x.mean() + h95:+.2f}] |" in row
+        assert row.endswith(f"| [{x.mean() - hk:+.2f}, {x.mean() + hk:+.2f}] |")
+        assert hk > h95
