@@ -222,3 +222,55 @@ def test_sample_options_are_checked_against_the_sampler():
     assert cfg.sample.options == {"final_euler": False}
     with pytest.raises(UserError, match=r"sample.options \['rtol'\] are not options of"):
         load_config(tiny, ["sample.options.rtol=1e-4"])
+
+
+class _Reads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor methods that read a value back to Python (a host sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_interval_none_guides_every_t_without_reading_t_back():
+    # The same values as the interval (0, 1) for every t in it, with nothing read back per call
+    # (the interval's test reads two booleans: a host sync each on an accelerator).
+    x, t, y = _inputs()
+    t[0], t[1] = 0.0, 1.0  # the closed ends
+    model = ToyModel()
+    with _Reads() as reads:
+        out = guided(model, y=y, null_y=NULL, scale=2.5, interval=None)(x, t)
+    assert reads.names == [] and model.batches == [12]
+    with _Reads() as reads:
+        want = guided(model, y=y, null_y=NULL, scale=2.5, interval=(0.0, 1.0))(x, t)
+    assert reads.names == ["__bool__", "__bool__"]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "interval", "tested"),
+    [("heun", (0.0, 1.0), False), ("euler_maruyama", (-1.0, 2.0), False),
+     ("heun", (0.0, 0.5), True), ("dopri5", (0.0, 1.0), True)],
+)  # fmt: skip
+def test_generate_skips_the_interval_test_only_when_every_t_is_inside(
+    sampler, interval, tested, monkeypatch
+):
+    # generate passes interval=None when the guidance interval covers every t of a fixed-grid
+    # sampler; dopri5 may evaluate just past t_end, so it keeps the test.
+    import dispersive.generate as gen
+
+    seen = []
+    real = gen.guided
+    monkeypatch.setattr(gen, "guided", lambda *a, **k: seen.append(k["interval"]) or real(*a, **k))
+    images, spec = gen.generate(
+        ClassVelocity(), num=3, sampler=sampler, steps=3, cfg_scale=2.0, cfg_interval=interval,
+        space="latent", generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert (seen[0] is not None) == tested
+    assert spec["cfg_interval"] == list(interval)  # recorded as given

@@ -229,6 +229,11 @@ def generate(
         interval = (lo * total, hi * total)  # guidance sees k, not t
     else:
         interval = (lo, hi)
+    if lo <= 0.0 and hi >= 1.0 and sampler != "dopri5":
+        # Every t a fixed-grid sampler produces (0 <= t <= 1; DDPM's k in [0, total)) is inside:
+        # guide without testing t, so no value is read back from the device per model call.
+        # (dopri5 may step past t_end and interpolate back, and it reads its error every step.)
+        interval = None
     # Leading channels only: the rest (DiT's learned variance included) is the conditional half.
     channels = cfg_channels
 

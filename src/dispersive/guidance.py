@@ -18,11 +18,15 @@ Guidance interval (Kynkaenniemi et al. 2024): guidance applies where ``lo <= t <
 per-sample t that ``fn`` receives (this package's t: 0 data, 1 noise; for DDPM models t is the
 step index k, see :func:`dispersive.generate.generate`). Outside, the output is the conditional
 prediction, and samples outside the interval are not doubled: a batch entirely outside costs
-one plain forward, a mixed batch a forward on the batch plus its inside part.
+one plain forward, a mixed batch a forward on the batch plus its inside part. Finding which
+samples are inside reads t back (a host sync per call on an accelerator); ``interval=None``
+guides at every t without that test, which :func:`dispersive.generate.generate` passes when the
+interval covers every t its sampler can produce (the default (0, 1)).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,7 +78,7 @@ def guided(
     y: Tensor,
     null_y: Tensor | int,
     scale: float,
-    interval: Sequence[float] = (0.0, 1.0),
+    interval: Sequence[float] | None = (0.0, 1.0),
     channels: int | None = None,
 ) -> Callable[..., Tensor]:
     """Wrap a conditional model function with classifier-free guidance.
@@ -86,7 +90,8 @@ def guided(
         y: (B,) long class labels of the batch the sampler will integrate.
         null_y: the null ("dropped") label, an int (``num_classes``) or a (B,) tensor.
         scale: guidance scale w; 1.0 returns the plain conditional function (no doubling).
-        interval: (lo, hi), the closed range of t where guidance applies.
+        interval: (lo, hi), the closed range of t where guidance applies; None: every t,
+            without testing t (nothing read back from the device).
         channels: guide the first ``channels`` output channels only; None = all.
 
     Returns:
@@ -96,7 +101,8 @@ def guided(
         raise ValueError(
             "guided() needs the class labels y; an unconditional model has no guidance"
         )
-    lo, hi = (float(v) for v in interval)
+    every_t = interval is None
+    lo, hi = (-math.inf, math.inf) if every_t else (float(v) for v in interval)
     if not lo <= hi:
         raise ValueError(f"guidance interval must satisfy lo <= hi; got {tuple(interval)}")
     if channels is not None and channels < 1:
@@ -114,10 +120,12 @@ def guided(
         labels = _as_labels(y, b, x.device, "y")
         null = _as_labels(null_y, b, x.device, "null_y")
         tt = t.expand(b) if t.ndim == 0 else t
-        inside = (tt >= lo) & (tt <= hi)
-        if not bool(inside.any()):
-            return model_fn(x, t, *extra, labels)
-        rows = None if bool(inside.all()) else inside.nonzero().squeeze(1)
+        rows = None  # every row inside
+        if not every_t:
+            inside = (tt >= lo) & (tt <= hi)
+            if not bool(inside.any()):
+                return model_fn(x, t, *extra, labels)
+            rows = None if bool(inside.all()) else inside.nonzero().squeeze(1)
         # One forward: the conditional batch, then the unconditional copies of the inside rows.
         out = model_fn(
             _double(x, rows, b),
