@@ -374,6 +374,20 @@ def test_schedule_validates_steps():
         DDPMSchedule(beta_start=0.1, beta_end=0.01)
 
 
+def test_schedule_reads_nothing_back_from_a_device_k():
+    # Off the CPU, the tables are indexed where k lives and k's range is not checked on the
+    # host (a sync per lookup, many per step): on the meta device any read-back would raise.
+    sch = DDPMSchedule(num_steps=10)
+    k, x = torch.tensor([0, 9, 4]), torch.randn(3, 2, 5)
+    out = sch.q_sample(x.to("meta"), k.to("meta"), x.to("meta"))
+    assert out.device.type == "meta" and out.shape == x.shape
+    coef = sch.gather(sch.sqrt_alphas_cumprod, k.to("meta"), x.to("meta"))
+    assert coef.shape == (3, 1, 1) and coef.dtype == x.dtype
+    # On the CPU the same lookups, checked: the values of the float64 tables in x's dtype.
+    want = sch.sqrt_alphas_cumprod[k].float().reshape(3, 1, 1)
+    assert torch.equal(sch.gather(sch.sqrt_alphas_cumprod, k, x), want)
+
+
 # =========================================================================== MeanFlow
 def marginal(t: torch.Tensor):
     """Mean and std of z_t = (1 - t) x0 + t e for x0 ~ N(MU, S^2)."""

@@ -176,6 +176,8 @@ class DDPMSchedule:
             x: (B, ...) the tensor the values multiply.
         """
         kc = self._check_k(k, x)
+        if kc.device != table.device:  # index where k lives: k is never read back to the host
+            table = table.to(kc.device, non_blocking=True)
         return table[kc].to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def _check_k(self, k: Tensor, x: Tensor) -> Tensor:
@@ -187,7 +189,11 @@ class DDPMSchedule:
             )
         if k.shape != (x.shape[0],):
             raise ValueError(f"k must have shape ({x.shape[0]},) to match x; got {tuple(k.shape)}")
-        kc = k.detach().cpu()
+        kc = k.detach()
+        if kc.device.type != "cpu":
+            # The range check would read k back every call (a host sync on an accelerator, many
+            # per step); there an out-of-range index fails the gather's device-side assert.
+            return kc
         if kc.numel() and (int(kc.min()) < 0 or int(kc.max()) >= self.num_steps):
             raise ValueError(
                 f"k must lie in [0, {self.num_steps - 1}]; got values in "
