@@ -589,8 +589,10 @@ def _patched(obj: object, name: str, value: object):
         setattr(obj, name, old)
 
 
-def _poisoned(bad_steps: set[int]):
-    """The loop's dataset with NaN images on the given ``get_batch`` calls (one per step)."""
+def poisoned_build_dataset(bad_calls: set[int]) -> Callable:
+    """``dispersive.data.datasets.build_dataset`` (as it is now) whose datasets return NaN
+    images on the given ``get_batch`` calls (0-based; the loop makes one per step). Also used
+    by tests/test_train_loop.py."""
     import dispersive.data.datasets as data
 
     real = data.build_dataset
@@ -602,12 +604,19 @@ def _poisoned(bad_steps: set[int]):
         def get_batch(indices, generator=None):
             x, y = get(indices, generator=generator)
             calls[0] += 1
-            return (x * float("nan"), y) if calls[0] - 1 in bad_steps else (x, y)
+            return (x * float("nan"), y) if calls[0] - 1 in bad_calls else (x, y)
 
         ds.get_batch = get_batch
         return ds
 
-    return _patched(data, "build_dataset", build)
+    return build
+
+
+def _poisoned(bad_steps: set[int]):
+    """The loop's dataset with NaN images on the batches of the given steps, while in use."""
+    import dispersive.data.datasets as data
+
+    return _patched(data, "build_dataset", poisoned_build_dataset(bad_steps))
 
 
 def _loop_run(

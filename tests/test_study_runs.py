@@ -323,24 +323,25 @@ def test_every_kept_run_keeps_its_folder_name_under_todays_config():
         assert run_hash(cfg) == path.parent.name.rsplit("-s", 1)[0], path
 
 
-def test_paired_reads_a_named_final_evaluation_when_asked(tmp_path):
+def _covariance_run(root: Path, name: str, weight: float, step: int, proxy: float, fid: float):
+    """A run folder with a covariance [dispersive] table, one logged proxy FID at ``step`` and
+    a final evaluation "5k" there (KID = FD / 10)."""
     import json
 
-    def run(name, weight, proxy, final) -> None:
-        d = tmp_path / name
-        (d / "final_eval").mkdir(parents=True)
-        (d / "config.toml").write_text(
-            f'[dispersive]\nweight = {weight}\nvariant = "covariance"\ntau = 0.5\n'
-            'layers = ["blocks.0"]\n'
-        )
-        (d / "metrics.jsonl").write_text(json.dumps({"step": 2000, "proxy_fid": proxy}) + "\n")
-        (d / "final_eval" / "5k-step2000.json").write_text(
-            json.dumps({"fid": final, "kid": final / 10})
-        )
+    d = root / name
+    (d / "final_eval").mkdir(parents=True)
+    (d / "config.toml").write_text(
+        f'[dispersive]\nweight = {weight}\nvariant = "covariance"\ntau = 0.5\n'
+        'layers = ["blocks.0"]\n'
+    )
+    (d / "metrics.jsonl").write_text(json.dumps({"step": step, "proxy_fid": proxy}) + "\n")
+    (d / "final_eval" / f"5k-step{step}.json").write_text(json.dumps({"fid": fid, "kid": fid / 10}))
 
+
+def test_paired_reads_a_named_final_evaluation_when_asked(tmp_path):
     for s, (b, a) in enumerate([(50.0, 49.0), (52.0, 50.0)]):
-        run(f"base-s{s}", 0.0, proxy=60.0, final=b)
-        run(f"cov-s{s}", 0.1, proxy=70.0, final=a)
+        _covariance_run(tmp_path, f"base-s{s}", 0.0, 2000, proxy=60.0, fid=b)
+        _covariance_run(tmp_path, f"cov-s{s}", 0.1, 2000, proxy=70.0, fid=a)
     tables = _study_tables()
     row = tables.paired(tmp_path, step=2000, final="5k").splitlines()[2]
     # Differences -1 and -2: mean -1.5, SD 0.71, CI half-width t(0.975, 1) * 0.71 / sqrt 2.
@@ -407,25 +408,13 @@ def _argv(ns) -> list[str]:
 def test_paired_gives_each_arm_a_family_wise_interval_over_the_arms(tmp_path):
     """With k arms against one baseline the last column is each arm's CI at 1 - 0.05 / k
     (Bonferroni): wider than its 95% CI, and all k hold together with >= 95% confidence."""
-    import json
-
     from scipy.stats import t
-
-    def run(name, weight, fd) -> None:
-        d = tmp_path / name
-        (d / "final_eval").mkdir(parents=True)
-        (d / "config.toml").write_text(
-            f'[dispersive]\nweight = {weight}\nvariant = "covariance"\ntau = 0.5\n'
-            'layers = ["blocks.0"]\n'
-        )
-        (d / "metrics.jsonl").write_text(json.dumps({"step": 4000, "proxy_fid": fd}) + "\n")
-        (d / "final_eval" / "5k-step4000.json").write_text(json.dumps({"fid": fd, "kid": 1.0}))
 
     diffs = {0.1: [1.0, 2.0, 4.0], 0.5: [-1.0, 0.5, -2.0]}
     for s in range(3):
-        run(f"base-s{s}", 0.0, 30.0)
+        _covariance_run(tmp_path, f"base-s{s}", 0.0, 4000, proxy=30.0, fid=30.0)
         for w, d in diffs.items():
-            run(f"w{w}-s{s}", w, 30.0 + d[s])
+            _covariance_run(tmp_path, f"w{w}-s{s}", w, 4000, proxy=30.0, fid=30.0 + d[s])
     lines = _study_tables().paired(tmp_path, step=4000, final="5k").splitlines()
     assert lines[0].endswith("| 97.5% CI (Bonferroni, 2 arms) |")
     for w, d in diffs.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tomllib
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from dispersive.train.checkpoint import latest_checkpoint, list_checkpoints, loa
 from dispersive.train.config import config_to_dict, load_config
 from dispersive.train.logging import read_metrics
 from dispersive.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # gpu_check
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 # Small and fast whatever tiny.toml holds; every code path (dispersive on) still runs.
@@ -143,22 +146,9 @@ def test_run_directory_and_metrics(tmp_path):
 def _poison(monkeypatch, bad_calls):
     """Make the dataset return NaN images on the given get_batch calls (0-based)."""
     import dispersive.data.datasets as data
+    from gpu_check import poisoned_build_dataset  # the GPU check poisons batches the same way
 
-    real = data.build_dataset
-
-    def build(*args, **kwargs):
-        ds = real(*args, **kwargs)
-        get, calls = ds.get_batch, [0]
-
-        def get_batch(indices, generator=None):
-            x, y = get(indices, generator=generator)
-            calls[0] += 1
-            return (x * float("nan"), y) if (calls[0] - 1) in bad_calls else (x, y)
-
-        ds.get_batch = get_batch
-        return ds
-
-    monkeypatch.setattr(data, "build_dataset", build)
+    monkeypatch.setattr(data, "build_dataset", poisoned_build_dataset(bad_calls))
 
 
 def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
