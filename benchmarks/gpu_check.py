@@ -665,26 +665,30 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     pairs += [(sa[i][k], sb[i][k]) for i in sa for k in sa[i]]
     worst = 0.0
     for x, y in pairs:
+        if not x.numel():
+            continue
         x, y = x.double(), y.double()
-        scale = float(x.abs().max()) if x.numel() else 0.0
-        diff = float((x - y).abs().max()) if x.numel() else 0.0
+        scale, diff = float(x.abs().max()), float((x - y).abs().max())
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor methods that read a value back to Python (``item``, ``bool``, ...):
-    on the CPU, where no device sync exists to report, the loop's own reads."""
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that read a value back to Python (``item``, ``bool``, ...)
+    while active, in ``names``: on the CPU, where no device sync exists to report, the code's
+    own reads. Also used by tests/test_guidance.py."""
 
     NAMES = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__",
                        "nonzero", "numpy"})  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.names: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in self.NAMES
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.names.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -693,7 +697,7 @@ def _syncs(
 ) -> int:
     """Host syncs over a whole run of ``steps`` steps (logging, checkpoint and the device-side
     guard's settle only at the last step): on CUDA those the runtime reports
-    (``torch.cuda.set_sync_debug_mode``); elsewhere the reads counted by :class:`_HostReads`,
+    (``torch.cuda.set_sync_debug_mode``); elsewhere the reads counted by :class:`HostReads`,
     which include the checks the code runs only on the CPU, where a read costs nothing."""
     import warnings
 
@@ -703,9 +707,9 @@ def _syncs(
         f"dispersive.weight={weight}", guard=guard,
     )  # fmt: skip
     if device.type != "cuda":
-        with _HostReads() as reads:
+        with HostReads() as reads:
             run()
-        return reads.count
+        return len(reads.names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispersive.guidance import guide, guided
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_check import HostReads  # noqa: E402  (the GPU check's read counter)
 
 NULL = 5  # the null label of a 5-class model
 
@@ -224,30 +230,16 @@ def test_sample_options_are_checked_against_the_sampler():
         load_config(tiny, ["sample.options.rtol=1e-4"])
 
 
-class _Reads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor methods that read a value back to Python (a host sync on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
-            self.names.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def test_interval_none_guides_every_t_without_reading_t_back():
     # The same values as the interval (0, 1) for every t in it, with nothing read back per call
     # (the interval's test reads two booleans: a host sync each on an accelerator).
     x, t, y = _inputs()
     t[0], t[1] = 0.0, 1.0  # the closed ends
     model = ToyModel()
-    with _Reads() as reads:
+    with HostReads() as reads:
         out = guided(model, y=y, null_y=NULL, scale=2.5, interval=None)(x, t)
     assert reads.names == [] and model.batches == [12]
-    with _Reads() as reads:
+    with HostReads() as reads:
         want = guided(model, y=y, null_y=NULL, scale=2.5, interval=(0.0, 1.0))(x, t)
     assert reads.names == ["__bool__", "__bool__"]
     assert torch.equal(out, want)
