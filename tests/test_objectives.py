@@ -388,6 +388,63 @@ def test_schedule_reads_nothing_back_from_a_device_k():
     assert torch.equal(sch.gather(sch.sqrt_alphas_cumprod, k, x), want)
 
 
+def test_schedule_copies_its_tables_to_a_device_once():
+    # A copy per lookup would be a host-to-device transfer per gather (several per step on a
+    # GPU); the meta device stands in for one. Count the float64 copies that reach it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+                if out.device.type == "meta" and out.dtype == torch.float64:
+                    self.n += 1
+            return out
+
+    sch = DDPMSchedule(num_steps=10)
+    k, x = torch.tensor([0, 9, 4]).to("meta"), torch.randn(3, 2, 5).to("meta")
+    counts = []
+    for _ in range(3):
+        with CountCopies() as mode:
+            sch.q_sample(x, k, x)  # two tables
+        counts.append(mode.n)
+    assert counts == [2, 0, 0]
+    # A caller's own table is not kept (it may be a temporary): copied on every call.
+    mine = torch.linspace(0.0, 1.0, 10, dtype=torch.float64)
+    with CountCopies() as mode:
+        sch.gather(mine, k, x)
+        sch.gather(mine, k, x)
+    assert mode.n == 2
+    # A table replaced on the schedule is not served from the old copy.
+    sch.sqrt_alphas_cumprod = sch.sqrt_alphas_cumprod * 0.5
+    with CountCopies() as mode:
+        sch.q_sample(x, k, x)
+    assert mode.n == 1
+
+
+def test_schedule_variance_tables_match_their_definitions():
+    sch = DDPMSchedule(num_steps=10)
+    assert torch.equal(sch.log_betas, sch.betas.log())
+    large = sch.posterior_log_variance_large
+    assert large[0] == math.log(sch.posterior_variance[1]) and torch.equal(
+        large[1:], sch.betas[1:].log()
+    )
+    # The fixed variances p_mean_variance decodes with are these tables at k.
+    k, x = torch.tensor([0, 3, 9]), torch.randn(3, 2, 4, dtype=torch.float64)
+    for fixed_var, table in (("large", large), ("small", sch.posterior_log_variance_clipped)):
+        out = sch.p_mean_variance(x, x, k, learn_sigma=False, fixed_var=fixed_var)
+        assert torch.equal(out["log_var"][:, 0, 0], table[k])
+    # Learned range at v = +1: the upper end, log beta_k.
+    out = sch.p_mean_variance(torch.cat([x, torch.ones_like(x)], 1), x, k)
+    assert torch.allclose(out["log_var"][:, 0, 0], sch.betas[k].log(), rtol=0, atol=1e-12)
+    one = DDPMSchedule(betas=[0.3])
+    assert torch.equal(one.posterior_log_variance_large, one.betas.log())
+
+
 # =========================================================================== MeanFlow
 def marginal(t: torch.Tensor):
     """Mean and std of z_t = (1 - t) x0 + t e for x0 ~ N(MU, S^2)."""

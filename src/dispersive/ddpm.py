@@ -10,8 +10,10 @@ Formulas follow Ho et al. 2020 and Nichol & Dhariwal 2021 (the "improved DDPM"/A
 uses): linear betas, the posterior q(x_{k-1} | x_k, x0), DiT's learned variance with the
 ``learned_range`` interpolation, and the variational-bound terms in bits per dimension.
 
-Schedule tables are float64 tensors on the CPU (precision of ``1 - abar`` near k = 0 matters);
-the per-sample coefficients are gathered on the CPU and cast to the data's dtype and device.
+Schedule tables are float64 tensors on the CPU (precision of ``1 - abar`` near k = 0 matters).
+Coefficients are gathered where the steps k live and cast to the data's dtype and device; off the
+CPU, each of the schedule's own tables is copied to a device once and kept (a copy per lookup
+would be a host-to-device transfer, several per training or sampling step).
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ class DDPMSchedule:
     ``sqrt_recip_alphas_cumprod``, ``sqrt_recipm1_alphas_cumprod``, ``posterior_variance``
     (beta~_k), ``posterior_log_variance_clipped`` (log beta~ with the k=0 value, which is 0,
     replaced by the k=1 value), ``posterior_mean_coef1`` / ``posterior_mean_coef2`` (the
-    posterior mean is coef1 * x0 + coef2 * x_k); and ``timesteps`` (long).
+    posterior mean is coef1 * x0 + coef2 * x_k), ``log_betas`` (the upper end of the learned
+    variance range), ``posterior_log_variance_large`` (log beta_k with log beta~_1 at k = 0: the
+    fixed "large" variance); and ``timesteps`` (long).
     """
 
     def __init__(
@@ -152,6 +156,18 @@ class DDPMSchedule:
             self.posterior_log_variance_clipped = betas.log()
         self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * self.alphas.sqrt() / (1.0 - ac)
+        self.log_betas = betas.log()
+        # ADM's fixed "large" variance: beta_k, with beta~_1 at k = 0 (beta_0 is tiny and would
+        # make the last step's likelihood term meaningless); one step has no beta~_1.
+        if n > 1:
+            self.posterior_log_variance_large = torch.cat(
+                [self.posterior_variance[1:2], betas[1:]]
+            ).log()
+        else:
+            self.posterior_log_variance_large = self.log_betas.clone()
+        # (id(table), device) -> (table, its copy on that device); the table is held so that
+        # its id cannot be reused by another tensor while the entry lives.
+        self._device_copies: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -177,8 +193,21 @@ class DDPMSchedule:
         """
         kc = self._check_k(k, x)
         if kc.device != table.device:  # index where k lives: k is never read back to the host
-            table = table.to(kc.device, non_blocking=True)
+            table = self._table_on(table, kc.device)
         return table[kc].to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+    def _table_on(self, table: Tensor, device: torch.device) -> Tensor:
+        """``table`` on ``device``: copied once per device for the schedule's own tables."""
+        key = (id(table), device)
+        hit = self._device_copies.get(key)
+        if hit is not None and hit[0] is table:
+            return hit[1]
+        copy = table.to(device)
+        # Only the schedule's attributes are kept: a caller's table may be a temporary, and
+        # keeping it would grow the cache without bound.
+        if any(value is table for value in vars(self).values()):
+            self._device_copies[key] = (table, copy)
+        return copy
 
     def _check_k(self, k: Tensor, x: Tensor) -> Tensor:
         if not isinstance(k, Tensor) or k.dtype.is_floating_point or k.dtype == torch.bool:
@@ -291,7 +320,7 @@ class DDPMSchedule:
                 )
             eps, v = model_out[:, :c], model_out[:, c:]
             frac = (v + 1.0) / 2.0
-            max_log = self.gather(self.betas.log(), k, x_k)
+            max_log = self.gather(self.log_betas, k, x_k)
             min_log = self.gather(self.posterior_log_variance_clipped, k, x_k)
             log_var = frac * max_log + (1.0 - frac) * min_log
         else:
@@ -302,9 +331,7 @@ class DDPMSchedule:
                 )
             eps = model_out
             if fixed_var == "large":
-                table = torch.cat([self.posterior_variance[1:2], self.betas[1:]]).log()
-                if self.num_steps == 1:
-                    table = self.betas.log()
+                table = self.posterior_log_variance_large
             elif fixed_var == "small":
                 table = self.posterior_log_variance_clipped
             else:
