@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -216,6 +217,23 @@ def t_ci(diffs: list[float], level: float = 0.95) -> tuple[float, float, float |
     return mean, sd or 0.0, t_ci_halfwidth(sd, n, level)
 
 
+def sign_test(diffs: list[float]) -> float | None:
+    """Exact two-sided sign test of "the median paired difference is 0": the binomial test of
+    the count of negative differences among the non-zero ones, at p = 1/2 (ties dropped).
+    Distribution-free: one far-out seed moves it no more than any other. None with no
+    non-zero difference."""
+    n = sum(x != 0 for x in diffs)
+    if n == 0:
+        return None
+    k = min(sum(x < 0 for x in diffs), sum(x > 0 for x in diffs))
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def _median(values: list[float]) -> float:
+    v, n = sorted(values), len(values)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str = "fid") -> str:
     """Every dispersive arm on disk against the baseline at the same seed, then pooled.
 
@@ -224,9 +242,10 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
     many pairs the arm was better. A pair counts as one only if both runs recorded the same
     host and session (``host.json``); runs from before host recording are shown as "not
     recorded". The pooled rows share the baseline runs between arms, so their pairs are not
-    independent: they count, without a CI. The last column is each arm's CI at the Bonferroni
-    level 1 - 0.05 / k for the k arms compared with the one baseline: all k intervals hold
-    together with at least 95% confidence.
+    independent: they count, without a CI. Then each arm's CI at the Bonferroni level
+    1 - 0.05 / k for the k arms compared with the one baseline (all k intervals hold together
+    with at least 95% confidence), and two figures that one far-out seed cannot carry: the
+    median difference and the exact two-sided sign test's p-value (:func:`sign_test`).
     """
     from dispersive.experiments.results import pair_kind
 
@@ -241,8 +260,9 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
     k = len(rows)
     lines = [
         "| arm | pairs | paired Δ mean | SD (ddof 1) | 95% CI (t) | min | max | better/pairs "
-        f"| host | {100 - 5 / max(k, 1):.3g}% CI (Bonferroni, {k} arms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| host | {100 - 5 / max(k, 1):.3g}% CI (Bonferroni, {k} arms) | median "
+        "| sign test p (exact, two-sided) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pooled: dict[str, list[float]] = {}
     arms_of: dict[str, int] = {}
@@ -259,10 +279,11 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
         host = "not recorded" if unknown == len(seeds) else f"same ({len(seeds) - unknown})"
         if unpaired:
             host += f"; {unpaired} unpaired (other host/session)"
+        p = sign_test(diffs)
         lines.append(
             f"| {arm} | {len(diffs)} | {mean:+.2f} | {sd:.2f} | {interval} | {min(diffs):+.2f} "
             f"| {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/{len(diffs)} | {host} "
-            f"| {family} |"
+            f"| {family} | {_median(diffs):+.2f} | {'–' if p is None else f'{p:.3g}'} |"
         )
     for variant, diffs in pooled.items():
         if arms_of[variant] > 1:  # one arm: its own row says it all
@@ -271,7 +292,7 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
                 f"| **all {arms_of[variant]} {variant} arms (pooled; pairs share baseline "
                 f"runs, not independent)** | {len(diffs)} | {mean:+.2f} | – | – "
                 f"| {min(diffs):+.2f} | {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/"
-                f"{len(diffs)} | – | – |"
+                f"{len(diffs)} | – | – | {_median(diffs):+.2f} | – |"
             )
     return "\n".join(lines)
 

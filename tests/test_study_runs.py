@@ -157,10 +157,16 @@ def test_study_tables_average_the_seeds_of_each_arm(tmp_path):
     rows = {r.split(" | ")[0][2:]: r for r in tables.paired(tmp_path).splitlines()[2:]}
     hinge = rows["Hinge, lambda=0.5, tau=0.5, blocks.0"]
     # One pair: no SD beyond 0 and no CI; the host was not recorded (no host.json).
-    assert hinge.endswith("| 1 | +0.50 | 0.00 | – | +0.50 | +0.50 | 0/1 | not recorded | – |")
-    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith("| 0/1 | not recorded | – |")
+    assert hinge.endswith(
+        "| 1 | +0.50 | 0.00 | – | +0.50 | +0.50 | 0/1 | not recorded | – | +0.50 | 1 |"
+    )
+    assert rows["InfoNCE l2, lambda=1.0, tau=2.0, blocks.0"].endswith(
+        "| 0/1 | not recorded | – | +1.00 | 1 |"
+    )
     pooled = rows["**all 3 InfoNCE l2 arms (pooled; pairs share baseline runs, not independent)**"]
-    assert pooled.endswith("| 3 | +0.67 | – | – | +0.50 | +1.00 | 0/3 | – | – |")  # lt, b2 and all
+    assert pooled.endswith(
+        "| 3 | +0.67 | – | – | +0.50 | +1.00 | 0/3 | – | – | +0.50 | – |"
+    )  # lt, b2 and all
     assert "baseline" not in rows and len(rows) == 7  # 5 arms; 2 variants with 2+ arms
 
     # Rank correlation of the blocks.0 norm (10 + mean dist) with the proxy FID at step 4000,
@@ -408,12 +414,40 @@ def test_paired_gives_each_arm_a_family_wise_interval_over_the_arms(tmp_path):
         for w, d in diffs.items():
             _covariance_run(tmp_path, f"w{w}-s{s}", w, 4000, proxy=30.0, fid=30.0 + d[s])
     lines = _study_tables().paired(tmp_path, step=4000, final="5k").splitlines()
-    assert lines[0].endswith("| 97.5% CI (Bonferroni, 2 arms) |")
+    assert "| 97.5% CI (Bonferroni, 2 arms) |" in lines[0]
     for w, d in diffs.items():
         (row,) = [ln for ln in lines if f"lambda={w}," in ln]
         x = np.array(d)
         se = x.std(ddof=1) / np.sqrt(3)
         h95, hk = t.ppf(0.975, 2) * se, t.ppf(1 - 0.025 / 2, 2) * se
         assert f"| [{x.mean() - h95:+.2f}, {x.mean() + h95:+.2f}] |" in row
-        assert row.endswith(f"| [{x.mean() - hk:+.2f}, {x.mean() + hk:+.2f}] |")
+        assert f"| [{x.mean() - hk:+.2f}, {x.mean() + hk:+.2f}] |" in row
         assert hk > h95
+
+
+def test_sign_test_is_the_exact_binomial_test_and_the_table_shows_it(tmp_path):
+    """The sign test against scipy's exact binomial test (ties dropped), and the paired
+    table's median and p columns for an arm with one far-out seed: the mean moves with it,
+    the median and the sign test do not."""
+    from scipy.stats import binomtest
+
+    tables = _study_tables()
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 9, 10, 13):
+        for _ in range(5):
+            d = rng.normal(0.3, 1.0, n).round(1).tolist()
+            nz = [x for x in d if x != 0]
+            want = binomtest(sum(x < 0 for x in nz), len(nz), 0.5).pvalue if nz else None
+            got = tables.sign_test(d)
+            assert (got is None and want is None) or got == pytest.approx(want, rel=1e-12)
+    assert tables.sign_test([1.0] * 9) == pytest.approx(2 / 2**9)
+    assert tables.sign_test([0.0, 0.0]) is None
+    diffs = [1.0, 2.0, 3.0, 4.0, 40.0]
+    for s, d in enumerate(diffs):
+        _covariance_run(tmp_path, f"base-s{s}", 0.0, 4000, proxy=30.0, fid=30.0)
+        _covariance_run(tmp_path, f"cov-s{s}", 0.5, 4000, proxy=30.0, fid=30.0 + d)
+    lines = tables.paired(tmp_path, step=4000, final="5k").splitlines()
+    assert lines[0].endswith("| median | sign test p (exact, two-sided) |")
+    assert lines[1].count("|---") == lines[0].count(" | ") + 1
+    row = lines[2].split(" | ")
+    assert row[2] == "+10.00" and row[-2] == "+3.00" and row[-1] == f"{2 / 2**5:.3g} |"
