@@ -15,9 +15,12 @@
 #
 # Neither direction overwrites anything. restore never replaces a live run. save never
 # replaces a kept run: a live run whose files match its kept copy only adds the files the copy
-# lacks (a new final evaluation, say); one whose files differ (retrained on another host,
+# lacks (a new final evaluation, say) and the lines its log.txt gained since (the kept log a
+# strict prefix of the live one); one whose files differ (retrained on another host,
 # extended, resumed) is refused with a message and the exit status is 1, so that no committed
-# number changes behind the tables' back. A restored run counts as finished (done.json,
+# number changes behind the tables' back. save skips a run whose runner still holds its .lock
+# (done.json is written before the final sampling and evaluation: saved then, the run would be
+# kept without them). A restored run counts as finished (done.json,
 # samples, metrics) but has no checkpoints: the runner refuses to extend it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +38,7 @@ kept_files() {
 # Copy one finished run's kept files to $2, never replacing a kept file. Prints "new",
 # "same", "added" or "differs: FILES".
 keep() {
-  local src=$1 dst=$2 f differ=() missing=() fresh=0
+  local src=$1 dst=$2 f differ=() missing=() grown=() fresh=0
   if [ ! -d "$dst" ]; then
     mkdir -p "$dst"
     kept_files "$src" | (cd "$src" && xargs -0 -r -I{} cp --parents {} "$root/$dst/")
@@ -44,7 +47,13 @@ keep() {
   fi
   while IFS= read -r -d '' f; do
     if [ -e "$dst/$f" ]; then
-      cmp -s "$src/$f" "$dst/$f" || differ+=("${f#./}")
+      if cmp -s "$src/$f" "$dst/$f"; then
+        :
+      elif [ "${f##*/}" = log.txt ] && grew "$dst/$f" "$src/$f"; then
+        grown+=("$f")
+      else
+        differ+=("${f#./}")
+      fi
     else
       fresh=1
     fi
@@ -56,21 +65,39 @@ keep() {
     echo "differs: ${differ[*]} ${missing[*]}"
     return
   fi
-  if [ "$fresh" = 1 ]; then
+  if [ "$fresh" = 1 ] || [ ${#grown[@]} -gt 0 ]; then
     while IFS= read -r -d '' f; do
       [ -e "$dst/$f" ] || (cd "$src" && cp --parents "$f" "$root/$dst/")
     done < <(kept_files "$src")
+    for f in "${grown[@]}"; do cp "$src/$f" "$dst/$f"; done
     echo added
   else
     echo same
   fi
 }
 
+# True when file $2 is file $1 with lines appended (a log that only grew).
+grew() {
+  local n
+  n=$(stat -c %s "$1")
+  [ "$(stat -c %s "$2")" -gt "$n" ] && cmp -s -n "$n" "$1" "$2"
+}
+
+# True when a runner holds the run's .lock (still training, sampling or evaluating it).
+busy() {
+  [ -e "$1/.lock" ] && ! flock -n "$1/.lock" true
+}
+
 save_pool() {  # $1: pool name
   local live=$live_root/$1 kept=$kept_root/$1 d run what n_new=0 n_same=0 n_added=0 n_bad=0
+  local n_busy=0
   [ -d "$live" ] || return 0
   for d in "$live"/*/; do
     [ -f "$d/done.json" ] || continue  # unfinished runs resume from their checkpoints
+    if busy "$d"; then
+      n_busy=$((n_busy + 1))
+      continue
+    fi
     run=$(basename "$d")
     what=$(keep "$d" "$kept/$run")
     case "$what" in
@@ -85,7 +112,8 @@ save_pool() {  # $1: pool name
         ;;
     esac
   done
-  echo "$1: $n_new new, $n_added with new files, $n_same unchanged, $n_bad refused;" \
+  echo "$1: $n_new new, $n_added with new files, $n_same unchanged, $n_bad refused," \
+    "$n_busy busy (its runner still at work: save again when it is done);" \
     "$(find "$kept" -name done.json 2>/dev/null | wc -l) finished run(s) kept in $kept"
   [ "$n_bad" = 0 ]
 }

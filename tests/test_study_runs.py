@@ -81,6 +81,34 @@ def test_save_never_overwrites_a_kept_run(tmp_path):
     assert "grid.png (gone)" in _run(tmp_path, "save", check=False)
 
 
+def test_save_waits_for_the_evaluation_and_takes_the_grown_log(tmp_path):
+    """done.json is written before the final sampling and evaluation: a run whose runner still
+    holds its .lock is not saved yet (saved then, it was kept without them). Once saved, the
+    lines its log gains later (the evaluation's) are taken; a log that changed is refused."""
+    import fcntl
+
+    live = _tree(tmp_path)
+    run = live / "aaa-s0"
+    (run / "log.txt").write_text("step 500\n")
+    with open(run / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # what the runner holds around train-sample-eval
+        out = _run(tmp_path, "save")
+        assert "0 new, 0 with new files, 0 unchanged, 0 refused, 1 busy" in out
+        assert not (tmp_path / "results" / "fmnist-runs" / "aaa-s0").exists()
+    assert "1 new" in _run(tmp_path, "save")  # released: saved
+    kept = tmp_path / "results" / "fmnist-runs" / "aaa-s0"
+    assert not (kept / ".lock").exists()
+    (run / "log.txt").write_text("step 500\nfinal FD 30.0\n")
+    assert "1 with new files" in _run(tmp_path, "save")
+    assert (kept / "log.txt").read_text() == "step 500\nfinal FD 30.0\n"
+    (run / "log.txt").write_text("step 500\nfinal FD 31.0\n")  # not a prefix: refused
+    out = _run(tmp_path, "save", check=False)
+    assert "NOT saved" in out and "log.txt" in out
+    assert (kept / "log.txt").read_text() == "step 500\nfinal FD 30.0\n"
+    (run / "log.txt").write_text("step 500\n")  # shorter: refused too
+    assert "NOT saved" in _run(tmp_path, "save", check=False)
+
+
 def test_each_pool_is_saved_and_restored_under_its_own_name(tmp_path):
     live = _tree(tmp_path)
     long_pool = live.parent / "fmnist-long-runs"
