@@ -255,22 +255,26 @@ def publish(text: str, section: str, output: Path | None, *, quick: bool) -> Non
 # The CPU's fp32 FMA peak: a ceiling no kernel can pass
 # --------------------------------------------------------------------------------------------
 
-# A chain of dependent integer adds retires one add per cycle on every x86-64 core, so adds / s
-# is the core's clock while it runs (turbo included, which the nominal "cpu MHz" of a VM is not).
+# A chain of dependent register-register adds (x += x) retires one add per cycle on every x86-64
+# core, so adds / s is the core's clock while it runs (turbo included, which the nominal "cpu
+# MHz" of a VM is not). Not add-immediate: Intel's Golden Cove cores (Sapphire Rapids) fold
+# chained immediate adds at rename, several per cycle (measured here: 19.5 "GHz" on a 2.6 GHz
+# Xeon whose register chain gives 4.0).
 # Many short runs (~3 ms each) and the best of them: a run that was descheduled only looks
 # slower, and on a busy machine only short runs fit between two preemptions.
 _CLOCK_C = r"""
 #include <stdio.h>
 #include <time.h>
 int main(void) {
-    unsigned long x = 0;
+    unsigned long x = 1;
     double best = 0;
     for (int r = 0; r < %d; r++) {
         struct timespec a, b;
         clock_gettime(CLOCK_MONOTONIC, &a);
         for (unsigned long i = 0; i < %dUL; i++)
-            __asm__ volatile("add $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0\n\t"
-                             "add $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0\n\tadd $1, %%0" : "+r"(x));
+            __asm__ volatile("add %%0, %%0\n\tadd %%0, %%0\n\tadd %%0, %%0\n\tadd %%0, %%0\n\t"
+                             "add %%0, %%0\n\tadd %%0, %%0\n\tadd %%0, %%0\n\tadd %%0, %%0"
+                             : "+r"(x));
         clock_gettime(CLOCK_MONOTONIC, &b);
         double s = (b.tv_sec - a.tv_sec) + 1e-9 * (b.tv_nsec - a.tv_nsec);
         double ghz = 8.0 * %d / s / 1e9;
