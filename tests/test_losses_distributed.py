@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _ranks import run_ranks
 from dispersive.losses import VARIANTS, contrastive_loss, dispersive_loss
+from dispersive.train.distributed import retire_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -78,7 +79,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out["ddp/bias_grad"] = model.bias.grad
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        retire_process_group()  # the group outlives the DDP reducer (see its docstring)
 
 
 @pytest.fixture(scope="module")

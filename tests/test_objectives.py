@@ -27,6 +27,7 @@ from dispersive.objectives import (
 )
 from dispersive.paths import PATHS, LinearPath, expand_like, get_path
 from dispersive.timesteps import sample_steps, sample_t, sample_t_r
+from dispersive.train.distributed import retire_process_group
 
 F64 = torch.float64
 MU, S = 0.7, 0.5  # the Gaussian data distribution N(MU, S^2) per coordinate
@@ -818,7 +819,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
             out["fused_refused"] = torch.tensor(True)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        retire_process_group()  # the group outlives the DDP reducer (see its docstring)
 
 
 @pytest.mark.distributed

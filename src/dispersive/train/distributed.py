@@ -135,13 +135,21 @@ atexit.register(_RETIRED.clear)
 def cleanup_distributed(info: DistInfo) -> None:
     """Destroy the process group if :func:`init_distributed` created it (call in a finally)."""
     if info.initialized_here and dist.is_initialized():
-        # Why the group is kept referenced until exit: a DDP wrapper's C++ reducer also owns
-        # the group, and when the reducer holds the last reference (the training function's
-        # frame is freed after this call), the group's destructor runs with the GIL held and
-        # joins gloo's worker threads, one of which may be waiting for the GIL to free the
-        # tensors of a finished collective: a deadlock at exit (seen under torchrun on a
-        # loaded CPU machine, one rank hanging after "done"). Released at exit through
-        # Python's binding, which drops the GIL while the threads finish.
+        retire_process_group()
+
+
+def retire_process_group() -> None:
+    """Destroy the default process group, keeping the group object referenced until exit.
+
+    Why: a DDP wrapper's C++ reducer also owns the group, and when the reducer holds the last
+    reference (the caller's frame is freed after this call), the group's destructor runs with
+    the GIL held and joins gloo's worker threads, one of which may be waiting for the GIL to
+    free the tensors of a finished collective: a deadlock at exit (seen under torchrun on a
+    loaded CPU machine, one rank hanging after "done"), or a rank aborted by C++ ("terminate
+    called without an active exception", seen once in a test's gloo rank on a loaded machine).
+    Released at exit through Python's binding, which drops the GIL while the threads finish.
+    """
+    if dist.is_initialized():
         _RETIRED.append(dist.group.WORLD)
         dist.destroy_process_group()
 
