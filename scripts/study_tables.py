@@ -25,6 +25,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
+from statistics import median
 
 from dispersive.train.logging import read_metrics
 
@@ -229,11 +230,6 @@ def sign_test(diffs: list[float]) -> float | None:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def _median(values: list[float]) -> float:
-    v, n = sorted(values), len(values)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-
-
 def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str = "fid") -> str:
     """Every dispersive arm on disk against the baseline at the same seed, then pooled.
 
@@ -283,7 +279,7 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
         lines.append(
             f"| {arm} | {len(diffs)} | {mean:+.2f} | {sd:.2f} | {interval} | {min(diffs):+.2f} "
             f"| {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/{len(diffs)} | {host} "
-            f"| {family} | {_median(diffs):+.2f} | {'–' if p is None else f'{p:.3g}'} |"
+            f"| {family} | {median(diffs):+.2f} | {'–' if p is None else f'{p:.3g}'} |"
         )
     for variant, diffs in pooled.items():
         if arms_of[variant] > 1:  # one arm: its own row says it all
@@ -292,7 +288,7 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
                 f"| **all {arms_of[variant]} {variant} arms (pooled; pairs share baseline "
                 f"runs, not independent)** | {len(diffs)} | {mean:+.2f} | – | – "
                 f"| {min(diffs):+.2f} | {max(diffs):+.2f} | {sum(x < 0 for x in diffs)}/"
-                f"{len(diffs)} | – | – | {_median(diffs):+.2f} | – |"
+                f"{len(diffs)} | – | – | {median(diffs):+.2f} | – |"
             )
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ def _agree_worker(rank: int, port: int) -> None:
             == "the step resumed from differs between ranks (rank 0: 7, rank 1: 0); share RUN_DIR"
         )
     finally:
-        retire_process_group()  # the group outlives the DDP reducer (see its docstring)
+        retire_process_group()  # as the training loop ends its group
 
 
 def test_ranks_that_read_different_run_dirs_all_fail():

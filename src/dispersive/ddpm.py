@@ -199,9 +199,8 @@ class DDPMSchedule:
     def _table_on(self, table: Tensor, device: torch.device) -> Tensor:
         """``table`` on ``device``: copied once per device for the schedule's own tables."""
         key = (id(table), device)
-        hit = self._device_copies.get(key)
-        if hit is not None and hit[0] is table:
-            return hit[1]
+        if key in self._device_copies:  # the entry holds its table: the id is still that table's
+            return self._device_copies[key][1]
         copy = table.to(device)
         # Only the schedule's attributes are kept: a caller's table may be a temporary, and
         # keeping it would grow the cache without bound.

@@ -145,9 +145,10 @@ def retire_process_group() -> None:
     reference (the caller's frame is freed after this call), the group's destructor runs with
     the GIL held and joins gloo's worker threads, one of which may be waiting for the GIL to
     free the tensors of a finished collective: a deadlock at exit (seen under torchrun on a
-    loaded CPU machine, one rank hanging after "done"), or a rank aborted by C++ ("terminate
-    called without an active exception", seen once in a test's gloo rank on a loaded machine).
-    Released at exit through Python's binding, which drops the GIL while the threads finish.
+    loaded CPU machine, one rank hanging after "done"); probably also the C++ abort
+    ("terminate called without an active exception") seen once in a test's gloo rank on a
+    loaded machine, not reproduced. Released at exit through Python's binding, which drops
+    the GIL while the threads finish.
     """
     if dist.is_initialized():
         _RETIRED.append(dist.group.WORLD)
