@@ -9,6 +9,7 @@
     python scripts/study_tables.py norm-fid     # rank correlation of feature norm and proxy FID
     python scripts/study_tables.py power        # seeds per arm for a 95% CI within +-5%
     python scripts/study_tables.py paired --final 5k --metric kid  # a final evaluation's KID
+    python scripts/study_tables.py paired --seeds 6 7 8 9  # only some seeds (a host's block)
     python scripts/study_tables.py noise        # evaluation noise of the proxy FID (real images)
     python scripts/study_tables.py all          # every table of docs/results.md, from results/
 
@@ -186,9 +187,11 @@ def _value(run_dir: Path, step: int, final: str | None, metric: str = "fid") -> 
     return float(at[-1]["proxy_fid"]) if at else None
 
 
-def _paired_values(runs: Path, step: int, final: str | None = None, metric: str = "fid"):
+def _paired_values(
+    runs: Path, step: int, final: str | None = None, metric: str = "fid", seeds=None
+):
     """Proxy FID at ``step`` per seed: the baseline's, every dispersive arm's by label, and
-    each run's host (``host_of``: key and sessions) by (label, seed)."""
+    each run's host (``host_of``: key and sessions) by (label, seed); only ``seeds`` if given."""
     from types import SimpleNamespace
 
     from dispersive.experiments.results import host_of
@@ -198,6 +201,8 @@ def _paired_values(runs: Path, step: int, final: str | None = None, metric: str 
     for d in _run_dirs(runs):
         disp = _dispersive(d)
         if disp is None or (disp["weight"] == 0 and not _is_baseline(disp)):
+            continue
+        if seeds is not None and _seed(d) not in seeds:
             continue
         value = _value(d, step, final, metric)
         if value is not None:
@@ -230,7 +235,9 @@ def sign_test(diffs: list[float]) -> float | None:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str = "fid") -> str:
+def paired(
+    runs: Path, step: int = 4000, final: str | None = None, metric: str = "fid", seeds=None
+) -> str:
     """Every dispersive arm on disk against the baseline at the same seed, then pooled.
 
     A pair is (arm's proxy FID - baseline's) at ``step`` for one seed: same initial weights,
@@ -245,7 +252,7 @@ def paired(runs: Path, step: int = 4000, final: str | None = None, metric: str =
     """
     from dispersive.experiments.results import pair_kind
 
-    base, values, hosts = _paired_values(runs, step, final, metric)
+    base, values, hosts = _paired_values(runs, step, final, metric, seeds)
     rows = []  # (arm, diffs, seeds, kinds)
     for arm, vals in sorted(values.items()):
         kinds = {s: pair_kind(hosts[arm, s], hosts["baseline", s]) for s in vals if s in base}
@@ -304,7 +311,12 @@ def seeds_needed(sd: float, target: float, level: float = 0.95, n_max: int = 100
 
 
 def power(
-    runs: Path, step: int = 4000, rel: float = 0.05, final: str | None = None, metric: str = "fid"
+    runs: Path,
+    step: int = 4000,
+    rel: float = 0.05,
+    final: str | None = None,
+    metric: str = "fid",
+    seeds=None,
 ) -> str:
     """Seeds per arm for a 95% CI of the paired difference within +-rel of the baseline mean.
 
@@ -314,7 +326,7 @@ def power(
     """
     from scipy.stats import t
 
-    base, values, _ = _paired_values(runs, step, final, metric)
+    base, values, _ = _paired_values(runs, step, final, metric, seeds)
     bmean = sum(base.values()) / len(base)
     target = rel * bmean
     lines = [
@@ -477,6 +489,12 @@ PAGE = (
      "dispersion --grid screen --steps 100 1000 4000 --runs results/fmnist-confirm-runs"),
     ("The answer: power from the confirmation",
      "power --runs results/fmnist-confirm-runs --step 4000 --final 5k"),
+    ("The answer: the confirmation without seed 5 (the paper default's +41 run)",
+     "paired --runs results/fmnist-confirm-runs --step 4000 --final 5k --seeds 0 1 2 3 4 6 7 8 9"),
+    ("The answer: the confirmation on the AMD host (seeds 0-5)",
+     "paired --runs results/fmnist-confirm-runs --step 4000 --final 5k --seeds 0 1 2 3 4 5"),
+    ("The answer: the confirmation on the Intel host (seeds 6-9)",
+     "paired --runs results/fmnist-confirm-runs --step 4000 --final 5k --seeds 6 7 8 9"),
     ("The screen: paired FD(5k) at step 2,000",
      "paired --runs results/fmnist-screen-runs --step 2000 --final 5k"),
     ("The screen: paired KID(5k)",
@@ -526,6 +544,10 @@ def parser() -> argparse.ArgumentParser:
         "--metric", choices=["fid", "kid"], default="fid",
         help="paired / power with --final: the Fréchet distance (default) or KID (x 1e3)",
     )  # fmt: skip
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None,
+        help="paired / power: only these training seeds (a host's block, or without one seed)",
+    )  # fmt: skip
     return p
 
 
@@ -537,7 +559,7 @@ def table(args: argparse.Namespace) -> str:
         return noise(samples=args.samples)
     if args.table in ("paired", "power"):
         fn = paired if args.table == "paired" else power
-        return fn(args.runs, step=args.step, final=args.final, metric=args.metric)
+        return fn(args.runs, step=args.step, final=args.final, metric=args.metric, seeds=args.seeds)
     return {"long": long, "norm-fid": norm_fid}[args.table](args.runs)
 
 

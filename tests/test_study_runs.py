@@ -479,3 +479,16 @@ def test_sign_test_is_the_exact_binomial_test_and_the_table_shows_it(tmp_path):
     assert lines[1].count("|---") == lines[0].count(" | ") + 1
     row = lines[2].split(" | ")
     assert row[2] == "+10.00" and row[-2] == "+3.00" and row[-1] == f"{2 / 2**5:.3g} |"
+
+
+def test_paired_takes_only_the_seeds_asked_for(tmp_path):
+    for s, (b, a) in enumerate([(50.0, 49.0), (52.0, 50.0), (51.0, 60.0)]):
+        _covariance_run(tmp_path, f"base-s{s}", 0.0, 2000, proxy=60.0, fid=b)
+        _covariance_run(tmp_path, f"cov-s{s}", 0.1, 2000, proxy=70.0, fid=a)
+    tables = _study_tables()
+    row = tables.paired(tmp_path, step=2000, final="5k", seeds=[0, 1]).splitlines()[2]
+    assert "| 2 | -1.50 | 0.71 |" in row  # seeds 0 and 1: differences -1 and -2
+    row = tables.paired(tmp_path, step=2000, final="5k").splitlines()[2]
+    assert "| 3 | +2.00 |" in row  # all three: -1, -2, +9
+    args = tables.parser().parse_args(["paired", "--seeds", "6", "7"])
+    assert args.seeds == [6, 7]
