@@ -313,6 +313,10 @@ def _gram_backward(q: Tensor, z: Tensor, mu: Tensor | None, zc: Tensor | None, d
     """``q @ Zc`` (B, dim) in z's dtype, chunked like the forward when Zc was not kept."""
     if zc is not None:
         return torch.mm(q, zc).to(z.dtype)
+    if mu is None and z.dtype == dtype:
+        # Zc is z itself: one matmul (it sums over B only, so no chunks are needed for
+        # accuracy), which spreads over threads better than one matmul per chunk.
+        return torch.mm(q, z)
     grad = torch.empty_like(z, memory_format=torch.contiguous_format)
     for s, e, blk in _chunks(z, mu, dtype):
         if grad.dtype == dtype:
