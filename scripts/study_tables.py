@@ -350,6 +350,8 @@ def power(
         )
     for name, items in pools.items():
         df = sum(k for k, _ in items)
+        if df == 0:  # no arm of the pool with two pairs yet: nothing to pool
+            continue
         sd = (sum(k * v * v for k, v in items) / df) ** 0.5
         lines.append(
             f"| **pooled over {'the InfoNCE-l2' if name != 'all' else 'all'} arms** (df {df}) "
@@ -361,14 +363,18 @@ def power(
     var = sum(
         sum((x - sum(v.values()) / len(v)) ** 2 for x in v.values()) for v in arms if len(v) > 1
     )
+    if df == 0:
+        lines += ["", "Unpaired (two independent means): needs two runs of some arm; none yet."]
+        return "\n".join(lines)
     sd1 = (var / df) ** 0.5
     n_unpaired = next(
-        n for n in range(2, 1001) if t.ppf(0.975, 2 * n - 2) * sd1 * (2 / n) ** 0.5 <= target
+        (n for n in range(2, 1001) if t.ppf(0.975, 2 * n - 2) * sd1 * (2 / n) ** 0.5 <= target),
+        None,
     )
     lines += [
         "",
         f"Unpaired (two independent means, n runs each): pooled SD of one run {sd1:.2f} "
-        f"(df {df}), {n_unpaired} seeds per arm.",
+        f"(df {df}), {n_unpaired or 'more than 1,000'} seeds per arm.",
     ]
     return "\n".join(lines)
 

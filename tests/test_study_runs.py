@@ -492,3 +492,19 @@ def test_paired_takes_only_the_seeds_asked_for(tmp_path):
     assert "| 3 | +2.00 |" in row  # all three: -1, -2, +9
     args = tables.parser().parse_args(["paired", "--seeds", "6", "7"])
     assert args.seeds == [6, 7]
+
+
+def test_power_reports_what_it_can_from_one_seed_or_no_infonce_arm(tmp_path):
+    # One seed: no arm has two pairs, nothing to pool and no SD of single runs; two seeds of
+    # covariance arms only: the InfoNCE-l2 pool is empty. Neither may divide by zero.
+    tables = _study_tables()
+    _covariance_run(tmp_path, "base-s0", 0.0, 2000, proxy=60.0, fid=50.0)
+    _covariance_run(tmp_path, "cov-s0", 0.1, 2000, proxy=70.0, fid=49.0)
+    text = tables.power(tmp_path, step=2000, final="5k")
+    assert "pooled" not in text and "needs two runs of some arm" in text
+    _covariance_run(tmp_path, "base-s1", 0.0, 2000, proxy=60.0, fid=52.0)
+    _covariance_run(tmp_path, "cov-s1", 0.1, 2000, proxy=70.0, fid=50.0)
+    text = tables.power(tmp_path, step=2000, final="5k")
+    assert "pooled over the InfoNCE-l2" not in text
+    assert "| **pooled over all arms** (df 1) | – | 0.71 |" in text  # differences -1 and -2
+    assert "pooled SD of one run" in text
