@@ -384,6 +384,59 @@ def test_module_groups_are_the_mean_of_the_group_losses():
             DispersiveLoss(**bad)
 
 
+@pytest.mark.parametrize("normalize_by_dim", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_grouped_covariance_is_the_mean_of_float64_group_oracles(dtype, normalize_by_dim):
+    # The covariance variant's groups run in one fused node (its own backward); against the
+    # definition written out in float64 per group (standardise each feature over the group,
+    # ||Zn^T Zn||_F^2 / (g - 1)^2, the D x D covariance itself), differentiated by autograd.
+    k, g, dim = 4, 16, 49 * 3
+    gen = torch.Generator().manual_seed(6)
+    z = 2.0 + torch.randn(k * g, 7, 21, generator=gen, dtype=torch.float64)
+    z[5:8, 0, :4] = z[4, 0, :4]  # near-constant features in group 0
+    zd = z.clone().requires_grad_(True)
+    want = 0
+    for zk in zd.reshape(k, g, dim):
+        zc = zk - zk.mean(0)
+        var = zc.square().sum(0) / (g - 1)
+        zn = zc / torch.sqrt(var + 1e-5 * var.mean())
+        cov = zn.T @ zn / (g - 1)
+        want = want + cov.square().sum() / (dim**2 if normalize_by_dim else 1) / k
+    want.backward()
+    zt = z.to(dtype).requires_grad_(True)
+    got = DispersiveLoss(variant="covariance", group_size=g, normalize_by_dim=normalize_by_dim)(zt)
+    got.backward()
+    assert type(got.grad_fn).__name__ == "_GroupedCovarianceBackward"  # one node, all groups
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert zt.grad.dtype == dtype
+    # float64: rounding only; float32 / bf16 (computed in float32 from the rounded input): the
+    # input's own rounding, amplified by the near-constant features' small variance.
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    assert abs(float(got.detach()) - float(want.detach())) <= rtol * float(want.detach())
+    err = (zt.grad.double() - zd.grad).abs().max() / zd.grad.abs().max()
+    assert err <= rtol, float(err)
+    # Ungrouped (one group of all 64): the same node, also through dispersive_loss.
+    one = dispersive_loss(z, variant="covariance", normalize_by_dim=normalize_by_dim)
+    torch.testing.assert_close(
+        DispersiveLoss(variant="covariance", normalize_by_dim=normalize_by_dim)(z), one
+    )
+
+
+def test_grouped_covariance_gradcheck_and_groups_apart():
+    z = torch.randn(3 * 5, 6, dtype=torch.float64, requires_grad=True)
+    m = DispersiveLoss(variant="covariance", group_size=5)
+    assert torch.autograd.gradcheck(m, (z,))
+    # Groups are independent: moving one group's samples leaves the others' gradient alone.
+    m(z).backward()
+    before = z.grad.clone()
+    z2 = z.detach().clone()
+    z2[:5] *= 3.0
+    z2.requires_grad_(True)
+    m(z2).backward()
+    torch.testing.assert_close(z2.grad[5:], before[5:], rtol=1e-12, atol=0)
+    assert not torch.allclose(z2.grad[:5], before[:5])
+
+
 def test_global_scope_without_process_group_is_local():
     assert not torch.distributed.is_initialized()
     z = torch.randn(6, 10)

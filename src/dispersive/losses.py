@@ -705,16 +705,68 @@ def _reduce_hinge(d: Tensor, margin: float, include_diagonal: bool) -> Tensor:
     return h.masked_fill(_eye(b, d.device), 0.0).sum() / (b * (b - 1))
 
 
-def _covariance_sum_sq(zn_a: Tensor, zn_b: Tensor | None = None) -> Tensor:
-    """sum_{m,n} C_mn^2 for C = Zn_a^T Zn_b / (B - 1), through B x B Gram matrices only."""
+def _covariance_sum_sq(zn_a: Tensor, zn_b: Tensor) -> Tensor:
+    """sum_{m,n} C_mn^2 for the cross-covariance C = Zn_a^T Zn_b / (B - 1) (the contrastive
+    counterpart), through B x B Gram matrices only (the dispersive one: _GroupedCovariance)."""
     b = zn_a.shape[0]
     ga = _Gram.apply(zn_a, False, zn_a.dtype)
-    if zn_b is None:
-        # ||Zn^T Zn||_F = ||Zn Zn^T||_F
-        return ga.square().sum() / (b - 1) ** 2
     gb = _Gram.apply(zn_b, False, zn_b.dtype)
     # ||A^T B||_F^2 = tr(A A^T B B^T) = sum_ij Ga_ij Gb_ij (both symmetric)
     return (ga * gb).sum() / (b - 1) ** 2
+
+
+class _GroupedCovariance(torch.autograd.Function):
+    """The covariance variant averaged over k consecutive groups of g samples, in one node.
+
+    Per group Z (g, dim): Zc = Z - mean over the group, s_j = (var_j + eps mean_l var_l)^-1/2
+    (the per-feature standardisation, var with ddof 1, clamped as :func:`_standardize`),
+    Zn = Zc diag(s), loss = ||Zn Zn^T||_F^2 * ``scale`` (= ||Zn^T Zn||_F^2 * scale). The
+    backward is written out: dL/dZn = c (G + G^T) Zn (one batched matmul), then the
+    standardisation's and the centring's backward in a few elementwise passes, instead of the
+    ~20 autograd nodes (per group) of the composed form. z (k g, dim) in any float dtype; the
+    arithmetic in ``dtype``; no value is read back to the host.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, g: int, scale: float, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        zc = z.reshape(-1, g, z.shape[1]).to(dtype)  # (k, g, dim)
+        zc = zc - zc.mean(dim=1, keepdim=True)
+        var = zc.square().sum(dim=1).div_(g - 1)  # (k, dim)
+        v = var.add_(var.mean(dim=1, keepdim=True), alpha=_COV_EPS)
+        live = v >= torch.finfo(dtype).tiny  # where the clamp passes the gradient
+        s = v.clamp_min_(torch.finfo(dtype).tiny).rsqrt_()
+        zn = zc * s[:, None, :]
+        gm = torch.bmm(zn, zn.transpose(1, 2))  # (k, g, g)
+        ctx.save_for_backward(zc, s, live, gm)
+        ctx.scale, ctx.z_dtype = scale, z.dtype
+        return gm.square().sum(dim=(1, 2)).mean().mul_(scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        zc, s, live, gm = ctx.saved_tensors
+        k, g, dim = zc.shape
+        c = grad_out.to(zc.dtype) * (2 * ctx.scale / k)  # dL/dG = c G per group
+        s3 = s[:, None, :]
+        dzc = torch.bmm(gm + gm.transpose(1, 2), zc * s3).mul_(c)  # dL/dZn
+        ds = (dzc * zc).sum(dim=1)  # (k, dim): Zn = Zc s, through s
+        dzc.mul_(s3)  # ... and through Zc
+        # s = v^-1/2 (clamped: no gradient where v was below the floor, even if s^3 overflows;
+        # multiplied in steps so a small ds does not meet s^3 whole)
+        dv = torch.where(live, ds.mul_(s).mul_(s).mul_(s).mul_(-0.5), 0.0)
+        dvar = dv.add_(dv.mean(dim=1, keepdim=True), alpha=_COV_EPS)  # v = var + eps mean(var)
+        dzc.add_(zc * dvar[:, None, :], alpha=2 / (g - 1))  # var = sum_g Zc^2 / (g - 1)
+        # The centring's backward: a no-op in exact arithmetic (Zc and G Zn have zero column
+        # sums, 1^T G = 1^T Zn Zn^T = 0), but it removes the rounding's common part (dropped,
+        # the duplicates test at D = 250,000 measured 2.5e-5 relative error against 1e-5).
+        dz = dzc.sub_(dzc.mean(dim=1, keepdim=True))
+        return dz.reshape(-1, dim).to(ctx.z_dtype), None, None, None
+
+
+def _covariance(z: Tensor, g: int, normalize_by_dim: bool, dtype: torch.dtype) -> Tensor:
+    """The covariance variant of z (k g, dim), averaged over k groups of g: the fused node."""
+    scale = 1 / (g - 1) ** 2 / (z.shape[1] ** 2 if normalize_by_dim else 1)
+    return _GroupedCovariance.apply(z, g, scale, dtype)
 
 
 def _dispersive_2d(
@@ -729,8 +781,7 @@ def _dispersive_2d(
 ) -> Tensor:
     """The loss on a flattened (and gathered) batch (B, dim), B >= 2 (finiteness unchecked)."""
     if variant == "covariance":
-        total = _covariance_sum_sq(_standardize(z, dtype))
-        return total / z.shape[1] ** 2 if normalize_by_dim else total
+        return _covariance(z, z.shape[0], normalize_by_dim, dtype)
     if variant == "infonce_l2":
         b, dim = z.shape
         coef = (1 / dim if normalize_by_dim else 1.0) / tau
@@ -1062,6 +1113,18 @@ class DispersiveLoss(nn.Module):
         ):
             return _grouped_infonce_pdist(z, g, self.tau, self.normalize_by_dim,
                                           self.include_diagonal)  # fmt: skip
+        if (
+            self.variant == "covariance"
+            and isinstance(z, Tensor)
+            and z.ndim >= 2
+            and g
+            and z.shape[0] > g
+            and z.shape[0] % g == 0
+        ):  # scope is local (group_size needs it): all groups in one node
+            z2 = _flatten(z)
+            with _no_autocast(z2.device):
+                loss = _covariance(z2, g, self.normalize_by_dim, _compute_dtype(z2))
+            return _checked(loss, (z2, "z"))
         return _group_mean(lambda g: dispersive_loss(g, **self._options()), self.group_size, z)
 
     def contrastive(self, z: Tensor, z_pos: Tensor) -> Tensor:
