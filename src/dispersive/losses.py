@@ -1063,7 +1063,9 @@ class DispersiveLoss(nn.Module):
     ``group_size``: with ``group_size = g > 0`` and ``scope="local"``, a batch of B = k g
     samples is split into k consecutive groups of g and the loss is the mean of the k group
     losses. The paper's loss sees 16 samples per device; groups of 16 keep that objective
-    whatever the per-device batch (0 = the whole batch, one group).
+    whatever the per-device batch (0 = the whole batch, one group). InfoNCE-l2 at pdist sizes
+    and the covariance variant run all groups in one autograd node; the other variants call
+    :func:`dispersive_loss` once per group.
     """
 
     def __init__(
