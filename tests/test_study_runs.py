@@ -508,3 +508,23 @@ def test_power_reports_what_it_can_from_one_seed_or_no_infonce_arm(tmp_path):
     assert "pooled over the InfoNCE-l2" not in text
     assert "| **pooled over all arms** (df 1) | – | 0.71 |" in text  # differences -1 and -2
     assert "pooled SD of one run" in text
+
+
+def test_dispersion_reports_the_last_block_the_model_has(tmp_path):
+    # SiT-T/4 has 6 blocks: the last column is blocks.5 (SiT-XS/4's blocks.3 stays as before).
+    import json
+
+    for name, weight in (("base-s0", 0.0), ("cov-s0", 0.1)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.toml").write_text(
+            f'[dispersive]\nweight = {weight}\nvariant = "covariance"\ntau = 0.5\n'
+            'layers = ["blocks.0"]\n'
+        )
+        rec = {"step": 100, "mean_dist": 1.0, "active_frac": 1.0}
+        rec |= {f"rep_norm/blocks.{i}": 10.0 * i + weight for i in range(6)}
+        (d / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    rows = _study_tables().dispersion(tmp_path, steps=(100,), grid="screen").splitlines()
+    assert rows[0].endswith("| norm blocks.5 @100 |")
+    assert rows[2].startswith("| baseline | 1 |") and rows[2].endswith("| 0 | 50 |")
+    assert rows[3].endswith("| 0 | 50 |")  # blocks.0 0.1 and blocks.5 50.1, rounded
