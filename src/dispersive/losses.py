@@ -669,14 +669,21 @@ class _NegCos(torch.autograd.Function):
         return grad, None
 
 
+def _inv_std(var: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, live)`` of per-feature variances ``var`` (..., dim): s = (var + eps mean(var))^-1/2
+    with the sum floored at the dtype's smallest normal, and where the floor was not hit (the
+    only place s has a gradient)."""
+    v = var + _COV_EPS * var.mean(dim=-1, keepdim=True)
+    floor = torch.finfo(var.dtype).tiny
+    return v.clamp_min(floor).rsqrt(), v >= floor
+
+
 def _standardize(z: Tensor, dtype: torch.dtype) -> Tensor:
     """Per-feature standardisation over the batch (covariance variant), in ``dtype``."""
     b = z.shape[0]
     zc = z.to(dtype)
     zc = zc - zc.mean(dim=0)
-    var = zc.square().sum(dim=0) / (b - 1)
-    floor = torch.finfo(dtype).tiny
-    return zc * torch.rsqrt((var + _COV_EPS * var.mean()).clamp_min(floor))
+    return zc * _inv_std(zc.square().sum(dim=0) / (b - 1))[0]
 
 
 def _dissimilarity(z: Tensor, variant: str, normalize_by_dim: bool, dtype: torch.dtype) -> Tensor:
@@ -719,7 +726,7 @@ class _GroupedCovariance(torch.autograd.Function):
     """The covariance variant averaged over k consecutive groups of g samples, in one node.
 
     Per group Z (g, dim): Zc = Z - mean over the group, s_j = (var_j + eps mean_l var_l)^-1/2
-    (the per-feature standardisation, var with ddof 1, clamped as :func:`_standardize`),
+    (the per-feature standardisation, var with ddof 1, floored as :func:`_inv_std`),
     Zn = Zc diag(s), loss = ||Zn Zn^T||_F^2 * ``scale`` (= ||Zn^T Zn||_F^2 * scale). The
     backward is written out: dL/dZn = c (G + G^T) Zn (one batched matmul), then the
     standardisation's and the centring's backward in a few elementwise passes, instead of the
@@ -731,10 +738,7 @@ class _GroupedCovariance(torch.autograd.Function):
     def forward(ctx, z: Tensor, g: int, scale: float, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
         zc = z.reshape(-1, g, z.shape[1]).to(dtype)  # (k, g, dim)
         zc = zc - zc.mean(dim=1, keepdim=True)
-        var = zc.square().sum(dim=1).div_(g - 1)  # (k, dim)
-        v = var.add_(var.mean(dim=1, keepdim=True), alpha=_COV_EPS)
-        live = v >= torch.finfo(dtype).tiny  # where the clamp passes the gradient
-        s = v.clamp_min_(torch.finfo(dtype).tiny).rsqrt_()
+        s, live = _inv_std(zc.square().sum(dim=1).div_(g - 1))  # (k, dim) each
         zn = zc * s[:, None, :]
         gm = torch.bmm(zn, zn.transpose(1, 2))  # (k, g, g)
         ctx.save_for_backward(zc, s, live, gm)
@@ -1103,26 +1107,20 @@ class DispersiveLoss(nn.Module):
         g = self.group_size
         if _LOSS_AND_GRADS is not None and _compiling():
             return _compiled_call("module", z, None, group_size=g, **self._options())
-        if (
-            self.variant == "infonce_l2"
-            and self.scope == "local"
+        # Several whole groups (scope is local whenever group_size is set): one autograd node
+        # for all of them where a fused form exists.
+        grouped = (
+            self.scope == "local"
             and isinstance(z, Tensor)
             and z.ndim >= 2
             and g
             and z.shape[0] > g
             and z.shape[0] % g == 0
-            and _use_pdist(g, z[0].numel())
-        ):
+        )
+        if grouped and self.variant == "infonce_l2" and _use_pdist(g, z[0].numel()):
             return _grouped_infonce_pdist(z, g, self.tau, self.normalize_by_dim,
                                           self.include_diagonal)  # fmt: skip
-        if (
-            self.variant == "covariance"
-            and isinstance(z, Tensor)
-            and z.ndim >= 2
-            and g
-            and z.shape[0] > g
-            and z.shape[0] % g == 0
-        ):  # scope is local (group_size needs it): all groups in one node
+        if grouped and self.variant == "covariance":
             z2 = _flatten(z)
             with _no_autocast(z2.device):
                 loss = _covariance(z2, g, self.normalize_by_dim, _compute_dtype(z2))
