@@ -327,3 +327,34 @@ def test_pdist_laplacian_backward_as_accurate_as_pdists(b, dim, seed, log_sigma,
     scale = float(z64.grad.abs().max())
     err_pdist, err_lap = (float((g - z64.grad).abs().max()) for g in grads)
     assert err_lap <= max(2 * err_pdist, RTOL * scale) + oracle_floor(tau, z)
+
+
+@pytest.mark.parametrize("variant", ["infonce_l2", "hinge"])
+@pytest.mark.parametrize(
+    ("offset", "uncentred"), [(0.0, True), (1.0, True), (3.6, True), (4.5, False), (30.0, False)]
+)
+def test_chunked_l2_backward_skips_centring_only_for_a_modest_mean(
+    variant, offset, uncentred, monkeypatch
+):
+    # Large z, where the l2 backward may multiply the Laplacian by z instead of the centred z:
+    # R = B |mu|^2 / trace(Gc) is about B / (B - 1) * offset^2 here, so 3.6 -> 13.8 (<= 16,
+    # uncentred) and 4.5 -> 21.6 (centred). Either way float32 stays within RTOL of float64,
+    # duplicates and a near-duplicate pair included.
+    b, dim = 16, 20_000
+    z = batch_with_duplicates(b, dim, 3, 1.0, offset, [0.0, 1e-4])
+    seen = []
+    real = losses._gram_backward
+    monkeypatch.setattr(
+        losses,
+        "_gram_backward",
+        lambda q, zz, mu, zc, dt: seen.append(mu is None) or real(q, zz, mu, zc, dt),
+    )
+    kw = dict(tau=0.5, margin=2.0, diag=True, normalize_by_dim=True)
+    z64 = z.double().requires_grad_(True)
+    want = oracle(z64, variant, **kw)
+    want.backward()
+    z32 = z.clone().requires_grad_(True)
+    got = dispersive_loss(z32, variant=variant, tau=0.5, margin=2.0)
+    got.backward()
+    assert seen == [uncentred]
+    assert_close_to_oracle(got, want, [z32.grad], [z64.grad], floor=oracle_floor(0.5, z))

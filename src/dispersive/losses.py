@@ -115,6 +115,13 @@ _PDIST_MAX_DIM = 4096  # ... and batches up to twice that size with at most this
 _LAPLACIAN_MIN_B = 8
 _LAPLACIAN_NEAR = 1 / 64  # its near-pair criterion (see _pdist_laplacian)
 _LAPLACIAN_MIN_ELEMS = 1 << 19
+# The l2 backward on the chunked path multiplies the pairs' Laplacian by z itself instead of the
+# centred z (equal in exact arithmetic: the Laplacian's rows sum to 0), saving a pass over z,
+# while the batch mean's energy B |mu|^2 is at most this many times the centred energy
+# trace(Gc): the matmul's rounding then grows by at most 1 + sqrt(16) = 5x, still ~1e-6 of the
+# gradient. Trained SiT activations measured 1.4-5.7x (docs/benchmarks.md); a feature map far
+# from the origin (a large common offset) keeps the centred backward.
+_UNCENTRED_BACKWARD_MAX = 16.0
 # At most this many columns per chunk: a float32 matmul accumulating over 300K columns in one
 # call measured 1e-5 relative error in G; chunks of 16K columns summed in G measured 3e-7.
 _CHUNK_COLS = 1 << 14
@@ -383,7 +390,8 @@ def _sq_dist_forward(z: Tensor, dtype: torch.dtype):
     """Squared l2 distances (B, B) (not divided by dim), exact 0 on the diagonal; no autograd.
 
     Returns ``(d, saved)``: the tensors the backward needs, ``(z, mu, zc, i, j)`` with
-    ``(i, j)`` the exactly recomputed pairs (None when there are none). Raises the
+    ``(i, j)`` the exactly recomputed pairs (None when there are none) and ``mu`` the mean
+    the backward centres with (None: no centring, see _UNCENTRED_BACKWARD_MAX). Raises the
     non-finite-input error (a NaN or Inf in z makes every diagonal entry NaN).
     """
     b = z.shape[0]
@@ -392,7 +400,15 @@ def _sq_dist_forward(z: Tensor, dtype: torch.dtype):
     nn = n.unsqueeze(1) + n
     d = torch.add(nn, g, alpha=-2)  # d_ii = 2 n_i - 2 n_i = 0 exactly
     near = d <= torch.mul(nn, _NEAR)
-    count = int(torch.count_nonzero(near))  # the diagonal is always in (0 <= 0); NaN never is
+    count = torch.count_nonzero(near)  # the diagonal is always in (0 <= 0); NaN never is
+    if mu is None:
+        count = int(count)
+    else:
+        # One read-back for both: the near pairs and whether the backward may skip centring.
+        uncentred = b * torch.dot(mu, mu) <= _UNCENTRED_BACKWARD_MAX * n.sum()
+        count, uncentred = torch.stack([count, uncentred.to(count.dtype)]).tolist()
+        if uncentred:
+            mu = None  # the backward multiplies by z (see _UNCENTRED_BACKWARD_MAX)
     i = j = None
     if count > b:
         i, j = _near_pairs(near)
@@ -425,7 +441,8 @@ def _sq_dist_grad(w: Tensor, wp: Tensor | None, saved: tuple, dtype: torch.dtype
     (raw d), given as ``(w, wp)`` from :func:`_laplacian_`.
 
     On the Gram path this is ``w @ Zc`` (no centring backward needed: the Laplacian has zero
-    column sums); the exact pairs get their terms from z_i - z_j.
+    column sums), or ``w @ z`` when the forward saved no mean (equal: zero row sums too); the
+    exact pairs get their terms from z_i - z_j.
     """
     z, mu, zc, i, j = saved
     grad = _gram_backward(w, z, mu, zc, dtype)
