@@ -67,6 +67,15 @@ if os.environ.get("TEST_FAIL_RANK") == os.environ["RANK"]:
 
 resume = os.environ.get("TEST_RESUME") == "1"
 train(load_config(sys.argv[1], sys.argv[3:]), run_dir=sys.argv[2], resume=resume, progress=False)
+
+# train() joined gloo's threads: one still running at exit can abort the process (SIGABRT)
+# after a finished run (train/distributed.py, retire_process_group).
+if os.path.isdir("/proc/self/task"):
+    tasks = os.listdir("/proc/self/task")
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
+    left = [n for n in names if "gloo" in n or "tcpstore" in n]
+    if left:
+        sys.exit(f"threads of the process group still running after train(): {left}")
 """
 
 

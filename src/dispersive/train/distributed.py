@@ -15,6 +15,8 @@ timeout, so no rank hangs forever. NCCL reports timeouts through its asynchronou
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -117,6 +119,11 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistI
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    # Imported before the group exists: importing torch._dynamo (DDP does) keeps references to
+    # the default group that exists at that moment, forever, and a group that cannot be freed
+    # cannot be joined before exit (retire_process_group).
+    importlib.import_module("torch._dynamo")
+
     dist.init_process_group(
         backend=backend,
         rank=rank,
@@ -127,9 +134,16 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistI
     return DistInfo(rank, world_size, local_rank, dev, True)
 
 
-# Process groups destroyed by cleanup_distributed, kept referenced until the interpreter exits.
+# Destroyed process groups that something else (a live DDP wrapper) still holds; released at exit.
 _RETIRED: list = []
-atexit.register(_RETIRED.clear)
+
+
+@atexit.register
+def _release_retired() -> None:
+    """Free the DDP wrappers left in reference cycles, then the groups they held (see below)."""
+    if _RETIRED:
+        gc.collect()
+        _RETIRED.clear()
 
 
 def cleanup_distributed(info: DistInfo) -> None:
@@ -139,20 +153,34 @@ def cleanup_distributed(info: DistInfo) -> None:
 
 
 def retire_process_group() -> None:
-    """Destroy the default process group, keeping the group object referenced until exit.
+    """Destroy the default process group and join its worker threads while Python is alive.
 
-    Why: a DDP wrapper's C++ reducer also owns the group, and when the reducer holds the last
-    reference (the caller's frame is freed after this call), the group's destructor runs with
-    the GIL held and joins gloo's worker threads, one of which may be waiting for the GIL to
-    free the tensors of a finished collective: a deadlock at exit (seen under torchrun on a
-    loaded CPU machine, one rank hanging after "done"); probably also the C++ abort
-    ("terminate called without an active exception") seen once in a test's gloo rank on a
-    loaded machine, not reproduced. Released at exit through Python's binding, which drops
-    the GIL while the threads finish.
+    Why: gloo's worker threads drop a collective's tensors after the caller has seen it
+    complete. Freeing a tensor that Python has let go of takes the GIL, and a thread that asks
+    for it once the interpreter is finalizing is ended inside a destructor, which aborts the
+    process ("terminate called without an active exception", SIGABRT) after a run that
+    finished (seen in 2 of about 6 fresh-clone test runs). Measured with a rank that exits
+    right after an asynchronous all-reduce: 2 of 6 runs abort when the group outlives the
+    interpreter, 0 of 6 when it is destroyed first.
+
+    The group's Python binding releases the GIL while its destructor joins the threads, so
+    dropping the last reference here is safe, if it is the last: DDP's C++ reducer holds the
+    group too, and destroying it from there (at a garbage collection, GIL held) can deadlock on
+    the same threads. DDP wrappers sit in reference cycles, hence the collection; a wrapper that
+    is still reachable (a caller's frame, an exception's traceback) keeps the group in
+    ``_RETIRED`` until exit, whose handler collects again before dropping it. (A group that
+    existed when torch._dynamo was first imported is never freed; init_distributed imports it
+    first.)
     """
-    if dist.is_initialized():
-        _RETIRED.append(dist.group.WORLD)
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    gc.collect()
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if any(isinstance(o, ddp) for o in gc.get_objects()):
+        _RETIRED.append(group)
+    del group  # the last reference when no DDP wrapper is left: destroyed and joined here
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

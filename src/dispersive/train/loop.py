@@ -60,6 +60,7 @@ from dispersive.train.config import (
     preflight,
 )
 from dispersive.train.distributed import (
+    DistInfo,
     all_reduce_mean,
     check_same_on_all_ranks,
     cleanup_distributed,
@@ -114,11 +115,9 @@ def train(
         UserError: a bad config, another process training in ``run_dir``, or
             ``train.max_nonfinite`` non-finite steps in a row.
     """
-    from dispersive.taps import FeatureTap
-
     run_dir = Path(run_dir)
     wall_start = time.perf_counter()
-    tr, opt_cfg, eval_cfg = config.train, config.optim, config.eval
+    tr = config.train
 
     # ---- Checks, then distributed setup --------------------------------------------------------
     # Every check runs before any process group exists, so every rank fails the same way.
@@ -126,10 +125,25 @@ def train(
         preflight(config, world_size=env_world_size())
     local_batch = per_device_batch(config, env_world_size())
     info = init_distributed(device=tr.device, timeout_s=tr.dist_timeout_s)
+    try:
+        return _train_on_this_rank(config, run_dir, info, local_batch, resume, progress, wall_start)
+    finally:
+        # Once the rank's frame is gone, so that DDP's reducer no longer holds the process group
+        # and it can be destroyed before the interpreter exits (retire_process_group).
+        cleanup_distributed(info)
+
+
+def _train_on_this_rank(
+    config: Config, run_dir: Path, info: DistInfo, local_batch: int, resume: bool,
+    progress: bool, wall_start: float,
+) -> dict:  # fmt: skip
+    """:func:`train` on this rank once the process group (if any) exists; see its docs."""
+    from dispersive.taps import FeatureTap
+
+    tr, opt_cfg, eval_cfg = config.train, config.optim, config.eval
     rank, world, device = info.rank, info.world_size, info.device
     global_batch = local_batch * world
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(cleanup_distributed, info)
         cleanup.enter_context(_say_which_rank_failed(rank, world))
         if info.is_main:  # one writer per run directory: a second trainer refuses
             cleanup.enter_context(RunLock(run_dir))
