@@ -27,16 +27,20 @@ def _group_threads() -> list[str]:
     return [n for n in names if "gloo" in n or "tcpstore" in n]
 
 
-def _teardown_worker(rank: int, port: int) -> None:
+def _teardown_worker(rank: int, ports: list[int]) -> None:
     import torch
     import torch.distributed as dist
 
     from dispersive.train import distributed as d
 
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2")
+
+    def init(port: int):
+        # A new port for each group: rank 1 could otherwise reach the previous group's store
+        # while rank 0 is closing it.
+        os.environ["MASTER_PORT"] = str(port)
+        return d.init_distributed(device="cpu")
 
     def ddp_step():
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
@@ -44,7 +48,7 @@ def _teardown_worker(rank: int, port: int) -> None:
         return ddp
 
     # An all-reduce, then retired: destroyed and joined inside the call.
-    info = d.init_distributed(device="cpu")
+    info = init(ports[0])
     assert info.initialized_here and _group_threads()
     x = torch.ones(3)
     dist.all_reduce(x)
@@ -53,13 +57,13 @@ def _teardown_worker(rank: int, port: int) -> None:
     assert not dist.is_initialized() and _group_threads() == [] and d._RETIRED == []
 
     # A DDP wrapper that is gone by then (train(): its frame has returned): the same.
-    info = d.init_distributed(device="cpu")
+    info = init(ports[1])
     ddp_step()
     d.cleanup_distributed(info)
     assert _group_threads() == [] and d._RETIRED == []
 
     # A live DDP wrapper holds the group: kept, then joined by the exit handler once it is gone.
-    info = d.init_distributed(device="cpu")
+    info = init(ports[2])
     ddp = ddp_step()
     d.cleanup_distributed(info)
     assert len(d._RETIRED) == 1 and _group_threads()
@@ -69,7 +73,10 @@ def _teardown_worker(rank: int, port: int) -> None:
 
 
 def test_retiring_the_group_leaves_no_thread_of_it_running():
-    with socket.socket() as s:
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:  # bound together, so the three ports differ
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_ranks(_teardown_worker, (port,), 2, timeout=120)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    run_ranks(_teardown_worker, (ports,), 2, timeout=120)
