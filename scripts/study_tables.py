@@ -513,6 +513,8 @@ PAGE = (
      "dispersion --grid screen --steps 100 1000 4000 --runs results/fmnist-larger-runs"),
     ("The larger model (SiT-T/4): power",
      "power --runs results/fmnist-larger-runs --step 4000 --final 5k"),
+    ("The larger model (SiT-T/4) without seed 4 (the paper default's +10 run)",
+     "paired --runs results/fmnist-larger-runs --step 4000 --final 5k --seeds 0 1 2 3"),
     ("The screen: paired FD(5k) at step 2,000",
      "paired --runs results/fmnist-screen-runs --step 2000 --final 5k"),
     ("The screen: paired KID(5k)",
