@@ -13,6 +13,7 @@ threads, which can then abort the rank as it exits (retire_process_group's docst
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections.abc import Callable
 
@@ -39,3 +40,10 @@ def run_ranks(fn: Callable, args: tuple, nprocs: int, *, timeout: float = 240.0)
 def _rank_main(rank: int, fn: Callable, args: tuple) -> None:
     importlib.import_module("torch._dynamo")
     fn(rank, *args)
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's threads that belong to a process group (gloo, its TCP store)."""
+    tasks = os.listdir("/proc/self/task")
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
+    return [n for n in names if "gloo" in n or "tcpstore" in n]

@@ -13,18 +13,13 @@ import socket
 
 import pytest
 
+from _ranks import process_group_threads as _group_threads
 from _ranks import run_ranks
 
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from /proc"),
 ]
-
-
-def _group_threads() -> list[str]:
-    tasks = os.listdir("/proc/self/task")
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
-    return [n for n in names if "gloo" in n or "tcpstore" in n]
 
 
 def _teardown_worker(rank: int, ports: list[int]) -> None:

@@ -71,9 +71,9 @@ train(load_config(sys.argv[1], sys.argv[3:]), run_dir=sys.argv[2], resume=resume
 # train() joined gloo's threads: one still running at exit can abort the process (SIGABRT)
 # after a finished run (train/distributed.py, retire_process_group).
 if os.path.isdir("/proc/self/task"):
-    tasks = os.listdir("/proc/self/task")
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
-    left = [n for n in names if "gloo" in n or "tcpstore" in n]
+    from _ranks import process_group_threads
+
+    left = process_group_threads()
     if left:
         sys.exit(f"threads of the process group still running after train(): {left}")
 """
@@ -93,7 +93,9 @@ def _launch(run_dir: Path, sets: list[str], fail_rank: int | None = None, resume
         env.update(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
+            PYTHONPATH=os.pathsep.join(
+                [str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")]
+            ),
         )  # fmt: skip
         if fail_rank is not None:
             env["TEST_FAIL_RANK"] = str(fail_rank)
