@@ -159,9 +159,11 @@ def retire_process_group() -> None:
     complete. Freeing a tensor that Python has let go of takes the GIL, and a thread that asks
     for it once the interpreter is finalizing is ended inside a destructor, which aborts the
     process ("terminate called without an active exception", SIGABRT) after a run that
-    finished (seen in 2 of about 6 fresh-clone test runs). Measured with a rank that exits
-    right after an asynchronous all-reduce: 14 of 20 runs abort when the group outlives the
-    interpreter, 0 of 20 when it is destroyed first (quiet 2-core machine, 2026-12-07).
+    finished (seen in 2 of about 6 fresh-clone test runs). In a one-off reproduction outside
+    the suite (2026-12-07, quiet 2-core machine; no committed command reruns it), a rank that
+    exits right after an asynchronous all-reduce aborted in 14 of 20 runs when the group
+    outlived the interpreter and in 0 of 20 when it was destroyed first; the suite checks the
+    cure instead (no thread of the group is left, tests/test_distributed_teardown.py).
 
     The group's Python binding releases the GIL while its destructor joins the threads, so
     dropping the last reference here is safe, if it is the last: DDP's C++ reducer holds the
