@@ -321,7 +321,7 @@ def test_pdist_laplacian_backward_as_accurate_as_pdists(b, dim, seed, log_sigma,
         with pytest.MonkeyPatch.context() as mp:
             if lowered:
                 mp.setattr(losses, "_LAPLACIAN_MIN_B", 2)
-                mp.setattr(losses, "_LAPLACIAN_MIN_ELEMS", 0)
+                mp.setattr(losses, "_LAPLACIAN_MIN_WORK", 0)
             dispersive_loss(z32, tau=tau, include_diagonal=diag).backward()
         grads.append(z32.grad.double())
     scale = float(z64.grad.abs().max())

@@ -49,6 +49,34 @@ def test_grouped_path_is_the_per_group_mean_bit_for_bit(b, g, shape, dtype, diag
     assert torch.equal(za.grad, zb.grad)
 
 
+@pytest.mark.parametrize("diag", [True, False])
+def test_grouped_path_keeps_bit_equality_where_groups_take_the_laplacian(diag, monkeypatch):
+    # Groups of 8 x 16,384 (28 pairs x 16,384 >= losses._LAPLACIAN_MIN_WORK): each group's
+    # backward is one matmul with its Laplacian, except the group holding a near-duplicate
+    # pair, which keeps pdist's backward; the fused node must choose per group as the
+    # reference does.
+    import dispersive.losses as losses
+
+    seen = []
+    real = losses._pdist_laplacian
+    monkeypatch.setattr(
+        losses, "_pdist_laplacian", lambda *a: seen.append(real(*a) is not None) or real(*a)
+    )
+    torch.manual_seed(3)
+    z0 = torch.randn(24, 16_384) + 0.5
+    z0[9] = z0[8] + 1e-4  # a near pair in the second group
+    m = DispersiveLoss(tau=0.5, group_size=8, include_diagonal=diag)
+    za, zb = z0.clone().requires_grad_(), z0.clone().requires_grad_()
+    la = m(za)
+    assert seen == [True, False, True]  # the fused node's choice, per group
+    lb = _per_group(m, zb)
+    assert seen[3:] == [True, False, True]  # the reference's
+    (0.7 * la).backward()
+    (0.7 * lb).backward()
+    assert torch.equal(la, lb)
+    assert torch.equal(za.grad, zb.grad)
+
+
 def test_grouped_gradient_matches_a_float64_oracle():
     torch.manual_seed(5)
     z0 = 2 + torch.randn(64, 49, 64)
@@ -130,3 +158,20 @@ def test_term_statistics_are_the_same_with_and_without_the_term():
     for k in s_on:
         assert float(s_on[k]) == float(s_off[k]), k
     assert 0 <= float(s_on["floor_gap"]) <= math.log(16)
+
+
+def test_the_study_preset_groups_keep_pdists_backward(monkeypatch):
+    # Groups of 16 x 3,136 (the Fashion-MNIST preset) have more pair-columns than the
+    # Laplacian's threshold, but batches above 8 keep pdist's backward: the kept study runs
+    # are reproduced bit for bit by this code.
+    import dispersive.losses as losses
+
+    called = []
+    monkeypatch.setattr(losses, "_pdist_laplacian", lambda *a: called.append(a) or None)
+    z = torch.randn(64, 49, 64, requires_grad=True)
+    DispersiveLoss(tau=0.5, group_size=16)(z).backward()
+    dispersive_loss(z[:16]).backward()
+    assert 120 * 3136 >= losses._LAPLACIAN_MIN_WORK and not called
+    z8 = torch.randn(8, 16_384, requires_grad=True)
+    dispersive_loss(z8).backward()
+    assert len(called) == 1  # while a batch of 8 that size takes it

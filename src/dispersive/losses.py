@@ -32,12 +32,13 @@ get their distance and gradient from the differences z_i - z_j instead (exact du
 so values and gradients stay within ~1e-6 of float64 whatever the pairs (issue 12, item 3).
 InfoNCE-l2 of small batches (B <= 8, or B <= 16 with dim <= 4096) takes its distances from
 ``torch.nn.functional.pdist`` instead (the differences of its few pairs, exact, and cheaper
-there than the Gram path's fixed cost); its backward is pdist's own kernel, or on the CPU at
-B = 8 with dim >= 65,536 one matmul with the pairs' Laplacian when no pair is near enough for
-its rounding to matter (measured 1.1-1.3x faster there). Both InfoNCE-l2 paths are
-fused autograd Functions with analytic backwards: the loss is often called per group of a few
-samples, where the cost of separate small operations dominates. Non-finite input is detected
-from the distances or the loss (no separate pass over z) and named with a clear error.
+there than the Gram path's fixed cost); its backward is pdist's own kernel, or on the CPU for
+B = 4-8 and B(B-1)/2 * dim >= 262,144 one matmul with the pairs' Laplacian when no pair is
+near enough for its rounding to matter (measured 1.05-1.15x faster on the whole loss there).
+Both InfoNCE-l2 paths are fused autograd Functions with analytic backwards: the loss is often
+called per group of a few samples, where the cost of separate small operations dominates.
+Non-finite input is detected from the distances or the loss (no separate pass over z) and
+named with a clear error.
 
 Host syncs (reading a value back from an accelerator waits for its queue): on the CPU the
 checks above read one scalar per call. Off the CPU the checks that exist only for the error
@@ -68,6 +69,7 @@ initialised process group (or with one rank) both are the same.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -106,15 +108,17 @@ _NEAR = 0.25
 # (measured with benchmarks/loss.py) ...
 _PDIST_MAX_B = 8
 _PDIST_MAX_DIM = 4096  # ... and batches up to twice that size with at most this many features
-# From B = 8 and this many elements of z (D >= 65,536), the pdist path's backward is one matmul
-# with the pairs' Laplacian when no pair is near enough for its rounding to matter (see
-# _pdist_laplacian): pdist's backward kernel (a loop over the pairs per column block, after
-# zero-filling its output) costs more there. Measured slower for B = 4 and for B = 8 at
-# D = 16,384 (benchmarks/loss.py). Smaller z keeps pdist's backward, so the Fashion-MNIST
-# study's groups (16 x 3,136) compute bit for bit as before.
-_LAPLACIAN_MIN_B = 8
+# For B = 4-8 and from this many pair-columns B(B-1)/2 * dim (B = 4 at D >= 65,536, B = 8 at
+# D >= 16,384), the pdist path's backward on the CPU is one matmul with the pairs' Laplacian
+# when no pair is near enough for its rounding to matter (see _pdist_laplacian): pdist's
+# backward kernel (a loop over the pairs per column block, after zero-filling its output),
+# whose cost grows with the pairs, costs more there, about 10% of the whole loss. Below it the
+# Laplacian's fixed cost (a row norm, a small matmul) wins (interleaved A/B with
+# benchmarks/loss.py's timing, docs/benchmarks.md). Smaller z and batches of 9-16 keep pdist's
+# backward, so the Fashion-MNIST study's groups (16 x 3,136) compute bit for bit as before.
+_LAPLACIAN_MIN_B = 4
 _LAPLACIAN_NEAR = 1 / 64  # its near-pair criterion (see _pdist_laplacian)
-_LAPLACIAN_MIN_ELEMS = 1 << 19
+_LAPLACIAN_MIN_WORK = 1 << 18
 # The l2 backward on the chunked path multiplies the pairs' Laplacian by z itself instead of the
 # centred z (equal in exact arithmetic: the Laplacian's rows sum to 0), saving a pass over z,
 # while the batch mean's energy B |mu|^2 is at most this many times the centred energy
@@ -555,16 +559,17 @@ class _InfoNCEPdist(torch.autograd.Function):
         pd = torch.nn.functional.pdist(zz)
         # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
         host = _host_checks(z.device)
-        if host and not math.isfinite(pd.sum().item()):
-            _check_finite(z, "z")
         b = z.shape[0]
+        # Where the Laplacian may serve, its near-pair test needs the distances on the host:
+        # one read (<= 28 numbers) for both checks.
+        vals = pd.tolist() if host and _takes_laplacian(b, zz.shape[1]) else None
+        if host and not math.isfinite(pd.sum().item() if vals is None else sum(vals)):
+            _check_finite(z, "z")
         loss, e, total = _infonce_from_pdist(pd, b, coef, diag)
         # dL/dpd_k = w_k pd_k with w_k = -4 coef e_k / total (x_k = -coef pd_k^2, both
         # triangles), and dpd_ij/dz_i = (z_i - z_j) / pd_ij: dL/dz_i = sum_j w_ij (z_i - z_j).
         c = total.reciprocal().mul_(-4 * coef)
-        lap = None
-        if host and b >= _LAPLACIAN_MIN_B and zz.numel() >= _LAPLACIAN_MIN_ELEMS:
-            lap = _pdist_laplacian(zz, pd, e * c, b)
+        lap = None if vals is None else _pdist_laplacian(zz, vals, e * c, b)
         if lap is not None:
             ctx.save_for_backward(zz, lap)
         else:
@@ -589,26 +594,48 @@ class _InfoNCEPdist(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None
 
 
-def _pdist_laplacian(z: Tensor, pd: Tensor, w: Tensor, b: int) -> Tensor | None:
+def _takes_laplacian(b: int, dim: int) -> bool:
+    """Whether the pdist path's backward may be the Laplacian matmul (on the CPU). Batches of
+    9-16 (pdist's range only up to dim 4,096) keep pdist's backward: not measured there, and
+    it keeps the Fashion-MNIST study's groups of 16 bit for bit."""
+    return _LAPLACIAN_MIN_B <= b <= _PDIST_MAX_B and b * (b - 1) // 2 * dim >= _LAPLACIAN_MIN_WORK
+
+
+@functools.lru_cache(maxsize=32)
+def _laplacian_map(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """M (B^2, B(B-1)/2) with ``(M @ w).view(B, B)`` the Laplacian ``diag(W 1) - W`` of pair
+    weights w in pdist's order: one small matmul instead of a dozen indexing operations."""
+    i, j = torch.triu_indices(b, b, 1).unbind(0)
+    k = torch.arange(i.numel())
+    m = torch.zeros(b, b, i.numel(), dtype=dtype)
+    m[i, i, k] = 1.0
+    m[j, j, k] = 1.0
+    m[i, j, k] = -1.0
+    m[j, i, k] = -1.0
+    return m.reshape(b * b, -1).to(device)
+
+
+def _pdist_laplacian(z: Tensor, pd: list[float], w: Tensor, b: int) -> Tensor | None:
     """The Laplacian ``diag(W 1) - W`` (B, B) of the pair weights ``w`` (pdist order), so that
     ``sum_j w_ij (z_i - z_j) = (lap @ z)_i``; None when a pair may be too near for it.
 
     The matmul forms ``sum_j w_ij z_i - w_ij z_j``, whose rounding (~eps (|z_i| + |z_j|) per
     term) stays below 12 eps of the pair's own term w_ij pd_ij while pd_ij^2 >
     _LAPLACIAN_NEAR (r_i^2 + r_j^2), r_i >= |z_i|. The bound r_i = |z_0| + pd_0i (triangle
-    inequality) needs one row's norm, not a pass over z. Otherwise pdist's backward, exact
-    from z_i - z_j, is used.
+    inequality) needs one row's norm, not a pass over z; the distances ``pd`` are on the host
+    already (the finiteness check read them), so the test is a loop over at most 28 pairs.
+    Otherwise pdist's backward, exact from z_i - z_j, is used.
     """
-    i, j = torch.triu_indices(b, b, 1, device=z.device).unbind(0)
-    r = torch.cat([torch.linalg.vector_norm(z[0]).reshape(1), pd[: b - 1]])
-    r[1:] += r[0]  # pdist lists the pairs (0, 1), ..., (0, B - 1) first
-    if bool((pd.square() <= (r[i].square() + r[j].square()).mul_(_LAPLACIAN_NEAR)).any()):
-        return None
-    lap = torch.zeros((b, b), dtype=w.dtype, device=w.device)
-    lap[i, j] = w
-    lap[j, i] = w
-    _laplacian_(lap, None, None)  # W - diag(W 1)
-    return lap.neg_()
+    n0 = float(torch.linalg.vector_norm(z[0]))
+    # pdist lists the pairs (0, 1), ..., (0, B - 1) first
+    r2 = [n0 * n0] + [(n0 + d) ** 2 for d in pd[: b - 1]]
+    k = 0
+    for i in range(b - 1):
+        for j in range(i + 1, b):
+            if pd[k] * pd[k] <= _LAPLACIAN_NEAR * (r2[i] + r2[j]):
+                return None
+            k += 1
+    return torch.mv(_laplacian_map(b, w.dtype, w.device), w).view(b, b)
 
 
 def _use_pdist(b: int, dim: int) -> bool:
@@ -1164,13 +1191,14 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
     """The mean over k groups of :class:`_InfoNCEPdist`, in one autograd node.
 
     z (k g, dim) is split into k consecutive groups of g. Each group's distances come from the
-    same ``pdist`` kernel and its gradient from the same ``_pdist_backward`` kernel as one
-    ``dispersive_loss`` per group, and every other operation is the same elementwise one on a
-    (k, pairs) tensor in the same order, so the value and the gradient are those of the
-    per-group mean bit for bit, without k sets of checks, autograd nodes and host syncs (the
-    Fashion-MNIST preset calls it with 4 groups of 16 every step). A batched Laplacian matmul
-    in place of ``_pdist_backward`` measured only ~10% faster on the whole term and would give
-    up the bitwise equality (runs already kept would no longer be reproduced exactly).
+    same ``pdist`` kernel and its gradient from the same kernel as one ``dispersive_loss`` per
+    group (``_pdist_backward``, or the same Laplacian matmul where :class:`_InfoNCEPdist` takes
+    it), and every other operation is the same elementwise one on a (k, pairs) tensor in the
+    same order, so the value and the gradient are those of the per-group mean bit for bit,
+    without k sets of checks, autograd nodes and host syncs (the Fashion-MNIST preset calls it
+    with 4 groups of 16 every step). A batched Laplacian matmul for all groups in place of
+    ``_pdist_backward`` measured only ~10% faster on the whole term and would give up the
+    bitwise equality (runs already kept would no longer be reproduced exactly).
     """
 
     @staticmethod
@@ -1192,8 +1220,15 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
             total = torch.stack([ek.sum() for ek in e]).mul_(2)
             lse = total.log().add_(top)
         losses = lse.sub_(math.log(g * g if diag else g * (g - 1)))
-        # As _InfoNCEPdist: dL/dpd_k = e_k pd_k (-4 coef / total), per group.
-        grad_pd = e.mul_(pd).mul_(total.reciprocal().mul_(-4 * coef)[:, None])
+        # As _InfoNCEPdist: dL/dpd_k = e_k pd_k (-4 coef / total), per group; and as there,
+        # large groups on the CPU take the Laplacian matmul where no pair is near.
+        c = total.reciprocal().mul_(-4 * coef)[:, None]
+        laps: list[Tensor | None] = [None] * zs.shape[0]
+        if host and _takes_laplacian(g, zs.shape[2]):
+            w, vals = e * c, pd.tolist()
+            laps = [_pdist_laplacian(zk, vk, wk, g) for zk, vk, wk in zip(zs, vals, w)]
+        grad_pd = e.mul_(pd).mul_(c)
+        ctx.laps = laps
         ctx.save_for_backward(zs, pd, grad_pd)
         return losses.mean() if host else _nan_if_nonfinite(losses.mean(), pd)
 
@@ -1202,10 +1237,13 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         zs, pd, grad_pd = ctx.saved_tensors
         k = zs.shape[0]
-        grad_pd = grad_pd * (grad_out.expand(k) / k)[:, None]  # the mean's backward
+        scale = grad_out.expand(k) / k  # the mean's backward
+        grad_pd = grad_pd * scale[:, None]
         grad = zs.new_empty(zs.shape)
         for b in range(k):
-            if _PDIST_BACKWARD is not None:
+            if ctx.laps[b] is not None:
+                grad[b] = torch.mm(ctx.laps[b] * scale[b], zs[b])
+            elif _PDIST_BACKWARD is not None:
                 grad[b] = _PDIST_BACKWARD(grad_pd[b], zs[b], 2.0, pd[b])
             else:
                 with torch.enable_grad():
