@@ -195,6 +195,32 @@ def test_gradcheck_float64(variant, include_diagonal):
     assert torch.autograd.gradcheck(fn, (z,))
 
 
+@pytest.mark.parametrize(
+    ("variant", "shape", "group"),
+    [
+        ("infonce_l2", (6, 40), 0),  # pdist path
+        ("infonce_l2", (8, 40_000), 0),  # pdist path, Laplacian backward
+        ("infonce_l2", (40, 30), 0),  # Gram path
+        ("infonce_l2", (32, 30), 8),  # grouped pdist node
+        ("infonce_cosine", (40, 30), 0),
+        ("hinge", (40, 30), 0),
+        ("covariance", (32, 30), 8),  # grouped covariance node
+    ],
+)
+def test_first_order_backward_and_the_double_backward_error(variant, shape, group):
+    # The custom backwards skip torch's once_differentiable wrapper on the usual first-order
+    # path; under create_graph=True the wrapper must still be there: the same gradient, and
+    # an error (not a silently wrong second derivative) when differentiated again.
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + 0.3
+    loss_fn = DispersiveLoss(variant=variant, tau=0.5, group_size=group)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(loss_fn(za), za)
+    (gb,) = torch.autograd.grad(loss_fn(zb), zb, create_graph=True)
+    assert torch.equal(ga, gb)
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        gb.square().sum().backward()
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("include_diagonal", [True, False])
 def test_float32_gradient_matches_naive_float64_autograd(variant, include_diagonal):

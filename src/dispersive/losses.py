@@ -76,7 +76,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import once_differentiable as _once_differentiable
 
 __all__ = [
     "VARIANTS",
@@ -258,6 +258,20 @@ def _checked(loss: Tensor, *named: tuple[Tensor, str]) -> Tensor:
     return loss
 
 
+def _first_order(backward):
+    """``once_differentiable`` without its cost on the usual path: a first-order backward runs
+    with grad mode off, and then the body is called directly (torch's wrapper would enter
+    ``no_grad`` again, ~10 us per call, as much as a small loss's backward kernel). Under
+    ``create_graph=True`` torch's wrapper takes over (double backward raises its error)."""
+    guarded = _once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+    return wrapper
+
+
 def _eye(b: int, device: torch.device) -> Tensor:
     return torch.eye(b, dtype=torch.bool, device=device)
 
@@ -353,7 +367,7 @@ class _Gram(torch.autograd.Function):
         return 0.5 * (g + g.T)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_g: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         z, mu, zc = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -471,7 +485,7 @@ class _SqDist(torch.autograd.Function):
         return d.mul_(scale) if scale != 1 else d
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_d: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         saved = ctx.saved_tensors
         w = (grad_d + grad_d.T).mul_(-2 * ctx.scale)
@@ -514,7 +528,7 @@ class _InfoNCEL2(torch.autograd.Function):
         return lse.sub_(math.log(b * b if diag else b * (b - 1)))
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         w, wp, *saved = ctx.saved_tensors
         c = grad_out * ctx.coef
@@ -578,7 +592,7 @@ class _InfoNCEPdist(torch.autograd.Function):
         return loss if host else _nan_if_nonfinite(loss, pd)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         if len(ctx.saved_tensors) == 2:  # no near pair: one matmul with the Laplacian
             zz, lap = ctx.saved_tensors
@@ -686,7 +700,7 @@ class _NegCos(torch.autograd.Function):
         return cos.neg()
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_dis: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
         cos, n, z, mu, zc, i, j = ctx.saved_tensors
         dtype = ctx.dtype
@@ -790,7 +804,7 @@ class _GroupedCovariance(torch.autograd.Function):
         return gm.square().sum(dim=(1, 2)).mean().mul_(scale)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         zc, s, live, gm = ctx.saved_tensors
         k, g, dim = zc.shape
@@ -1233,7 +1247,7 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
         return losses.mean() if host else _nan_if_nonfinite(losses.mean(), pd)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         zs, pd, grad_pd = ctx.saved_tensors
         k = zs.shape[0]
