@@ -232,8 +232,14 @@ def sampler_overhead(model: torch.nn.Module, batch: int, steps: int, repeats: in
     }
 
 
-def run(quick: bool, threads: int) -> dict:
-    s = QUICK if quick else FULL
+def run(
+    quick: bool, threads: int, rounds: int | None = None, heun_rounds: int | None = None
+) -> dict:
+    s = dict(QUICK if quick else FULL)
+    if rounds is not None:
+        s["repeats"] = rounds
+    if heun_rounds is not None:
+        s["heun_repeats"] = heun_rounds
     torch.set_num_threads(threads)
     res: dict = {"settings": s, "threads": threads}
     res["fma"] = common.fma_peak_gflops(threads)
@@ -305,7 +311,7 @@ def _ci_pct(c: dict, signed: bool = False) -> str:
     return common.fmt_ci(100 * c["median"], 100 * c["lo"], 100 * c["hi"], fmt, "%")
 
 
-def report(res: dict, *, threads: int, quick: bool) -> str:
+def report(res: dict, *, threads: int, quick: bool, command_args: str = "") -> str:
     s, fma, smp = res["settings"], res["fma"], res["sampler"]
     n = s["square_n"]
 
@@ -449,7 +455,7 @@ def report(res: dict, *, threads: int, quick: bool) -> str:
         [
             "## Training step (SiT, CPU)",
             "",
-            f"`benchmarks/train_step.py{' --quick' if quick else ''}`; "
+            f"`benchmarks/train_step.py{' --quick' if quick else ''}{command_args}`; "
             f"{common.machine_info(threads)}.",
             f"Model {s['model']} ({res['params'] / 1e6:.1f}M parameters), 32x32x4 input, 1000 "
             "classes, flow matching (linear path), AdamW. "
@@ -470,10 +476,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and few repeats (smoke run)")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument(
+        "--rounds", type=int, default=None,
+        help=f"rounds of GEMMs and steps (default {FULL['repeats']}): more narrow the intervals",
+    )  # fmt: skip
+    p.add_argument(
+        "--heun-rounds", type=int, default=None,
+        help=f"rounds of the sampler-overhead comparison (default {FULL['heun_repeats']})",
+    )  # fmt: skip
     common.add_output_argument(p)
     args = p.parse_args(argv)
-    res = run(args.quick, args.threads)
-    text = report(res, threads=args.threads, quick=args.quick)
+    for name in ("rounds", "heun_rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 3:
+            p.error(f"--{name.replace('_', '-')} must be >= 3 (a median's interval needs them)")
+    res = run(args.quick, args.threads, rounds=args.rounds, heun_rounds=args.heun_rounds)
+    extra = [f"--threads {args.threads}"]
+    extra += [f"--rounds {args.rounds}"] if args.rounds is not None else []
+    extra += [f"--heun-rounds {args.heun_rounds}"] if args.heun_rounds is not None else []
+    text = report(res, threads=args.threads, quick=args.quick, command_args=" " + " ".join(extra))
     common.publish(text, "train_step", args.output, quick=args.quick)
     return 0
 

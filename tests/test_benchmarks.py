@@ -71,3 +71,19 @@ def test_fma_ceiling_inputs_are_plausible():
     assert fpc in (16, 32, 64) and how
     ghz, how = measured_clock_ghz(repeats=3, iters=1_000_000)
     assert 0.2 < ghz < 7.0, how
+
+
+def test_train_step_rounds_options(capsys):
+    # More rounds narrow the intervals behind the roofline and overhead verdicts; the report
+    # names them in its command line, and fewer than 3 are refused before anything runs.
+    import train_step
+
+    with pytest.raises(SystemExit):
+        train_step.main(["--quick", "--rounds", "2"])
+    assert "--rounds must be >= 3" in capsys.readouterr().err
+    assert (
+        train_step.main(["--quick", "--threads", "1", "--rounds", "4", "--heun-rounds", "3"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "--threads 1 --rounds 4 --heun-rounds 3`" in out
+    assert "4 rounds; in each" in out and "per-round ratio, 3 rounds" in out
