@@ -218,6 +218,7 @@ def measure(
     }  # fmt: skip
     rng = random.Random(seed)
     if raw is not None:  # every sample, before any analysis
+        raw.parent.mkdir(parents=True, exist_ok=True)
         raw.write_text(
             json.dumps(
                 {
