@@ -87,3 +87,16 @@ def test_train_step_rounds_options(capsys):
     out = capsys.readouterr().out
     assert "--threads 1 --rounds 4 --heun-rounds 3`" in out
     assert "4 rounds; in each" in out and "per-round ratio, 3 rounds" in out
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_sampling_model_only_loop_replays_the_samplers_calls(cfg):
+    # The reference loop replays the model calls of one recorded sampler run; the recording
+    # must hold exactly nfe(method, steps) calls (run() raises otherwise), guided or not.
+    import sampling
+
+    rows = sampling.run(model_name="SiT-XS/4", batch=2, steps=3, repeats=1, cfg_scale=cfg)
+    assert [(r["method"], r["nfe"]) for r in rows] == [
+        ("euler", 3), ("heun", 5), ("euler_maruyama", 3)
+    ]  # fmt: skip
+    assert all(r["model_ms_per_image"][0] > 0 for r in rows)
