@@ -1221,7 +1221,9 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
         pd = torch.stack([torch.nn.functional.pdist(zk) for zk in zs])  # (k, g (g - 1) / 2)
         # An Inf in z gives infinite distances (zero weight), not a non-finite loss.
         host = _host_checks(z.device)
-        if host and not math.isfinite(pd.sum().item()):
+        # As in _InfoNCEPdist: one read of the distances serves both host checks.
+        vals = pd.tolist() if host and _takes_laplacian(g, zs.shape[2]) else None
+        if host and not math.isfinite(pd.sum().item() if vals is None else sum(map(sum, vals))):
             _check_finite(z, "z")
         x = pd.square().mul_(-coef)
         if diag:  # the diagonal's logits are exactly 0, the largest: no shift needed
@@ -1238,9 +1240,8 @@ class _GroupedInfoNCEFromPdist(torch.autograd.Function):
         # large groups on the CPU take the Laplacian matmul where no pair is near.
         c = total.reciprocal().mul_(-4 * coef)[:, None]
         laps: list[Tensor | None] = [None] * zs.shape[0]
-        if host and _takes_laplacian(g, zs.shape[2]):
-            w, vals = e * c, pd.tolist()
-            laps = [_pdist_laplacian(zk, vk, wk, g) for zk, vk, wk in zip(zs, vals, w)]
+        if vals is not None:
+            laps = [_pdist_laplacian(zk, vk, wk, g) for zk, vk, wk in zip(zs, vals, e * c)]
         grad_pd = e.mul_(pd).mul_(c)
         ctx.laps = laps
         ctx.save_for_backward(zs, pd, grad_pd)
