@@ -34,7 +34,8 @@ InfoNCE-l2 of small batches (B <= 8, or B <= 16 with dim <= 4096) takes its dist
 ``torch.nn.functional.pdist`` instead (the differences of its few pairs, exact, and cheaper
 there than the Gram path's fixed cost); its backward is pdist's own kernel, or on the CPU for
 B = 4-8 and B(B-1)/2 * dim >= 262,144 one matmul with the pairs' Laplacian when no pair is
-near enough for its rounding to matter (measured 1.05-1.15x faster on the whole loss there).
+near enough for its rounding to matter (1.05-1.15x faster on the whole loss there, see
+docs/benchmarks.md).
 Both InfoNCE-l2 paths are fused autograd Functions with analytic backwards: the loss is often
 called per group of a few samples, where the cost of separate small operations dominates.
 Non-finite input is detected from the distances or the loss (no separate pass over z) and
