@@ -96,6 +96,14 @@ def oracle_floor(tau: float, *zs: torch.Tensor) -> float:
     return 1e-12 / tau * (big + 1 / max(small, 1e-30)) + 1e-30
 
 
+def hinge_floor(margin: float, z: torch.Tensor) -> float:
+    """A pair just inside the margin has gradient 4 (m - d) (z_i - z_j) / N_pairs, and float32
+    knows m - d only to ~eps * m: when the active pairs all sit near the kink that is all of
+    the gradient. Hinge gradients are judged against that rounding of m - d."""
+    b = z.shape[0]
+    return 1e-6 * 4 * margin * 2 * float(z.abs().max()) / (b * (b - 1))
+
+
 def batch_with_duplicates(b, dim, seed, sigma, offset, dups):
     """float32 (B, dim): Gaussian rows (scale sigma around a common offset), then rows replaced
     by copies of others plus noise of relative size eps (0: exact duplicates)."""
@@ -160,10 +168,7 @@ def test_value_and_gradient_match_float64_with_duplicates(
         got.backward()
     floor = oracle_floor(tau, z)
     if variant == "hinge":
-        # A pair just inside the margin has gradient 4 (m - d) (z_i - z_j) / N_pairs, and
-        # float32 knows m - d only to ~eps * m: when the active pairs all sit near the kink
-        # that is all of the gradient. Judge it against the rounding of m - d.
-        floor += 1e-6 * 4 * margin * 2 * float(z.abs().max()) / (b * (b - 1))
+        floor += hinge_floor(margin, z)
     if variant == "covariance":
         # Its gradient has no pair terms; when duplicates leave the centred batch rank 1
         # (B = 3, or two duplicate pairs at B = 4) the loss is stationary up to the 1e-5
@@ -208,6 +213,8 @@ def test_contrastive_matches_float64_with_nearly_equal_views(
         disp = float(oracle(z64, variant, tau, 2 * sigma**2, diag, True))
     atol = 1e-6 * (1 + abs(disp) + abs(float(want.detach()) - disp))
     floor = oracle_floor(tau, z, zp)
+    if variant == "hinge":  # its dispersive part, on z, as in the test above
+        floor += hinge_floor(2 * sigma**2, z)
     assert_close_to_oracle(got, want, grads, want_grads, floor=floor, value_atol=atol)
 
 
