@@ -239,6 +239,41 @@ def test_feature_tap_reads_every_block(family):
     assert all(z.shape[0] == 2 for z in got.values())
 
 
+@pytest.mark.parametrize("family", ["SiT", "DiT", "MF"])
+def test_token_stream_is_contiguous_and_its_layout_does_not_change_values(family, monkeypatch):
+    # PatchEmbed returns contiguous tokens so that the residual stream is (B, T, D) in memory:
+    # the dispersive loss then flattens a tapped block with a view, not a copy. The layout the
+    # transpose alone gives, (B, D, T) in memory, must give the same values bit for bit, forward
+    # and backward with dispersive terms on two blocks (every reduction runs on a contiguous
+    # copy either way, and the losses' gradients are new contiguous tensors in both layouts).
+    from dispersive import DispersiveLoss, FeatureTap
+    from dispersive.models import layers
+
+    def run():
+        model = _randomize(_tiny(family))
+        tap = FeatureTap(model, model.block_names)
+        out = model(*_inputs(model, batch=8))
+        feats = tap.pop()
+        z0, z1 = (feats[n] for n in model.block_names[:2])
+        loss = DispersiveLoss(group_size=4)(z0) + DispersiveLoss(variant="covariance")(z1)
+        (out.square().mean() + loss).backward()
+        return out.detach(), feats, [p.grad for p in model.parameters()]
+
+    out, feats, grads = run()
+    assert all(z.is_contiguous() for z in feats.values())
+    contiguous = layers.PatchEmbed.forward
+    monkeypatch.setattr(
+        layers.PatchEmbed,
+        "forward",
+        lambda self, x: contiguous(self, x).transpose(1, 2).contiguous().transpose(1, 2),
+    )
+    out2, feats2, grads2 = run()
+    assert not any(z.is_contiguous() for z in feats2.values())  # the layout did change
+    assert torch.equal(out, out2)
+    assert all(torch.equal(feats[n], feats2[n]) for n in feats)
+    assert all(torch.equal(g, g2) for g, g2 in zip(grads, grads2, strict=True))
+
+
 def test_unet_residual_block_15_is_the_first_decoder_block():
     # Meta tensors propagate shapes without computing, so the 55.7M UNet costs nothing here.
     with torch.device("meta"):

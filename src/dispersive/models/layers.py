@@ -240,7 +240,7 @@ def check_time(t: Tensor | float, batch: int, name: str, like: Tensor) -> Tensor
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> tokens with a strided convolution.
 
-    (B, C, H, W) -> (B, T, D) with T = (H / p) * (W / p), tokens in row-major order.
+    (B, C, H, W) -> (B, T, D) with T = (H / p) * (W / p), tokens in row-major order, contiguous.
     """
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
@@ -248,7 +248,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        # The transpose alone would leave D as the outer stride, and every elementwise op after
+        # it keeps that layout: the whole residual stream would be (B, D, T) in memory, each
+        # LayerNorm would copy it, and each tap on a block would copy it again to flatten a
+        # sample (B, T * D). One copy here makes all of them contiguous (same values: every
+        # reduction downstream already ran on a contiguous copy).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
 
 
 class Attention(nn.Module):
