@@ -72,22 +72,24 @@ class AffinePath:
         tt = expand_like(t, x0)
         return self.d_alpha(tt) * x0 + self.d_sigma(tt) * noise
 
-    def _solve(self, v: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        # Invert the 2x2 system x_t = a x0 + s e, v = a' x0 + s' e for (x0, e).
+    def _inverse(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, ...]:
+        # Invert the 2x2 system x_t = a x0 + s e, v = a' x0 + s' e for (x0, e): its per-sample
+        # coefficients (B, 1, ...) and determinant. Each estimate below computes only its own
+        # row (the SDE sampler asks for the noise every step; the data estimate would be four
+        # full-size operations thrown away).
         tt = expand_like(t, x_t)
         a, s, da, ds = self.alpha(tt), self.sigma(tt), self.d_alpha(tt), self.d_sigma(tt)
-        det = a * ds - s * da
-        x0 = (ds * x_t - s * v) / det
-        noise = (a * v - da * x_t) / det
-        return x0, noise
+        return a, s, da, ds, a * ds - s * da
 
     def velocity_to_x0(self, v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The data estimate implied by a velocity prediction."""
-        return self._solve(v, x_t, t)[0]
+        _, s, _, ds, det = self._inverse(x_t, t)
+        return (ds * x_t - s * v) / det
 
     def velocity_to_noise(self, v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The noise (epsilon) estimate implied by a velocity prediction."""
-        return self._solve(v, x_t, t)[1]
+        a, _, da, _, det = self._inverse(x_t, t)
+        return (a * v - da * x_t) / det
 
     def velocity_to_score(self, v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """grad_x log p_t(x_t) = -E[noise | x_t] / sigma(t); undefined at t=0 (sigma=0)."""
