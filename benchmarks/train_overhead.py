@@ -12,6 +12,10 @@ initial weights, data and noise; model, EMA, a ``FeatureTap`` on every block, Ad
 forward, loss, backward, gradient norm and clipping, AdamW, EMA, and on logging steps the
 statistics reduced to one host list as the loop logs them; the JSON line itself, the same for
 both arms, is not written). Arms alternate in blocks of ``--block`` steps (A B, then B A, ...).
+Every ``--side-every``-th round is a side round: there the term alone and the statistics alone
+are timed again on copies of the step's features (outside the timed step), and its steps are
+not compared. Running the term a second time in the middle of a step evicts from the caches
+what the rest of that step reads, a cost only the dispersive arm would pay.
 
 Each step is timed twice: wall clock, and the CPU time of the calling thread
 (``time.thread_time``). With ``torch.set_num_threads(1)`` all of the step's work runs on that
@@ -189,6 +193,7 @@ def measure(
     log_every_measured: int,
     seed: int = 0,
     raw: Path | None = None,
+    side_every: int = 4,
 ) -> dict:
     title, (fa, oa), (fb, ob), batch, _, _, target = SETTINGS[key]
     cfgs = {"baseline": _config(fa, oa, batch), "dispersive": _config(fb, ob, batch)}
@@ -197,21 +202,39 @@ def measure(
     names = list(arms)
     for name in names:  # warm-up: first-call allocations, on a logging step
         arms[name].step(1)
-    # samples[name][r] = [(wall, cpu, is_log), ...] of round r
+    # samples[name][r] = [(wall, cpu, is_log), ...] of clean round r. Every side_every-th round
+    # is a side round instead: the term alone and the statistics alone are timed there, on
+    # copies outside the timed step, and its steps are not compared. Running the term a second
+    # time in the middle of a step evicts what the rest of that step reads, a cost only the
+    # dispersive arm would pay; clean rounds have no side measurement at all.
     samples: dict[str, list[list[tuple[float, float, bool]]]] = {n: [] for n in names}
+    counts = [0, 0]  # clean, side rounds so far: each kind alternates the arms' order
     for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
+        side = side_every > 0 and r % side_every == side_every - 1
+        order = names if counts[side] % 2 == 0 else names[::-1]
+        counts[side] += 1
+        for name in order:
             arm, got = arms[name], []
-            arm.time_term = True
+            arm.time_term = side
             for _ in range(block):
                 arm.side = (0.0, 0.0)
                 w0, c0 = time.perf_counter(), time.thread_time()
                 is_log = arm.step(log_every_measured)
                 w, c = time.perf_counter() - w0 - arm.side[0], time.thread_time() - c0 - arm.side[1]
                 got.append((w, c, is_log))
-            samples[name].append(got)
+            if not side:
+                samples[name].append(got)
+    side_arm = arms["dispersive"]
+    if not side_arm.term_cpu or not side_arm.stats_cpu or not samples[names[0]]:
+        raise ValueError(
+            f"{rounds} rounds with a side round every {side_every} leave no side or no clean "
+            "round, or no logging step in the side rounds: use more rounds (or --block / "
+            "--log-every-measured so that a side round holds a logging step)"
+        )
+    rounds = len(samples[names[0]])  # the clean ones, which the bootstrap resamples
     result = {
         "key": key, "title": title, "batch": batch, "rounds": rounds, "block": block,
+        "side_rounds": counts[1], "side_every": side_every,
         "log_every": log_every, "log_every_measured": log_every_measured, "target": target,
         "group": arms["dispersive"].term.group, "layers": arms["dispersive"].term.layers,
         "records": {n: arms[n].last_record for n in names},
@@ -324,7 +347,9 @@ def report(results: list[dict], *, command: str, threads: int) -> str:
     )  # fmt: skip
     r0 = results[0]
     plan = ", ".join(
-        f"{r['key']}: {r['rounds']} rounds x {r['block']} steps per arm" for r in results
+        f"{r['key']}: {r['rounds']} rounds x {r['block']} steps per arm compared, plus "
+        f"{r['side_rounds']} side rounds"
+        for r in results
     )
     return (
         "## Dispersive term overhead (training step)\n\n"
@@ -341,7 +366,9 @@ def report(results: list[dict], *, command: str, threads: int) -> str:
         "whole interval lies below the target. Thread CPU time (`time.thread_time`, torch on 1 "
         "thread) does not count the time other processes hold the core; wall time does. "
         '"term alone": the CPU time of the term\'s forward + backward, run again on a copy of '
-        "each step's tapped features outside the timed step, plus (logging statistics of the "
+        "each step's tapped features outside the timed step in the side rounds (every "
+        f"{r0['side_every']}th round; their steps are not compared, since the second run evicts "
+        "what the rest of the step reads in one arm only), plus (logging statistics of the "
         "dispersive arm - those of the baseline) / L, as a share of the baseline's per-step CPU "
         "cost: the added work itself, with a much narrower interval than the difference of two "
         "noisy steps.\n\n" + table
@@ -358,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     common.add_output_argument(p)
     p.add_argument("--raw", type=Path, default=None, help="folder for every sample as JSON")
+    p.add_argument(
+        "--side-every", type=int, default=4,
+        help="every Nth round times the term alone and the statistics alone; its steps are not "
+        "compared (default 4)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
@@ -367,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(
             key, rounds=args.rounds or rounds, block=args.block or block,
             log_every_measured=args.log_every_measured, raw=args.raw and args.raw / f"{key}.json",
+            side_every=args.side_every,
         )  # fmt: skip
         for clock in ("cpu", "wall"):
             c = r[clock]

@@ -100,3 +100,24 @@ def test_sampling_model_only_loop_replays_the_samplers_calls(cfg):
         ("euler", 3), ("heun", 5), ("euler_maruyama", 3)
     ]  # fmt: skip
     assert all(r["model_ms_per_image"][0] > 0 for r in rows)
+
+
+def test_train_overhead_times_the_term_alone_only_in_side_rounds(tmp_path):
+    # The term's second run (timed alone, on a copy) evicts what the rest of its step reads, in
+    # the dispersive arm only: the steps compared must come from rounds without it.
+    import json
+
+    import train_overhead
+
+    r = train_overhead.measure(
+        "fmnist", rounds=4, block=5, log_every_measured=5, side_every=2, raw=tmp_path / "f.json"
+    )
+    raw = json.loads((tmp_path / "f.json").read_text())
+    assert (r["rounds"], r["side_rounds"]) == (2, 2)
+    assert [len(raw["samples"][n]) for n in ("baseline", "dispersive")] == [2, 2]
+    assert len(raw["term_cpu"]) == 2 * 5  # every step of the side rounds, none of the others
+    assert [len(raw["stats_cpu"][n]) for n in ("baseline", "dispersive")] == [2, 2]
+    assert all(len(rnd) == 5 for rnd in raw["samples"]["dispersive"])
+    assert 0 < r["term_alone"]["share"] < 1 and r["cpu"]["arms"]["baseline"]["n_plain"] == 8
+    with pytest.raises(ValueError, match="no side or no clean round"):
+        train_overhead.measure("fmnist", rounds=1, block=5, log_every_measured=5, side_every=2)
