@@ -95,6 +95,9 @@ def test_score_of_gaussian_data_from_optimal_velocity(name):
     v_opt = da * mu + (da * a * s2 + ds * s) / var_x * (x - a * mu)
     score = -(x - a * mu) / var_x
     torch.testing.assert_close(path.velocity_to_score(v_opt, x, t), score, atol=1e-10, rtol=1e-10)
+    p, q = path.score_coefficients(x, t)  # the same score as p x + q v, per-sample p and q
+    assert p.shape == q.shape == (4, 1)
+    torch.testing.assert_close(p * x + q * v_opt, score, atol=1e-10, rtol=1e-10)
 
 
 def test_linear_and_gvp_coefficients():

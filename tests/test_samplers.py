@@ -216,6 +216,31 @@ def test_euler_maruyama_grid_follows_sit():
     assert all(a - b == pytest.approx(0.96 / 25) for a, b in zip(ts[:-1], ts[1:]))
 
 
+@pytest.mark.parametrize("path_name", ["linear", "gvp"])
+@pytest.mark.parametrize("diffusion", ["sigma", "constant"])
+def test_euler_maruyama_update_is_the_sde_step_with_the_score(path_name, diffusion):
+    # The sampler folds the score into per-sample coefficients; step by step it must equal
+    # x - h v + h w score + sqrt(2 w h) z written out with velocity_to_score (float64 oracle).
+    g = Gaussian(get_path(path_name))
+    x1 = _start_points()
+    out = euler_maruyama(
+        g.velocity, x1, steps=12, path=g.path, diffusion=diffusion, diffusion_scale=0.7,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    gen, x = torch.Generator().manual_seed(5), x1
+    grid = [*torch.linspace(1.0, 0.04, 12, dtype=F64).tolist(), 0.0]
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        h, t = t_cur - t_next, torch.full((x.shape[0],), t_cur, dtype=F64)
+        tt = t[:, None]
+        w = 0.7 * (g.path.sigma(tt) if diffusion == "sigma" else torch.ones_like(tt))
+        v = g.velocity(x, t)
+        x = x - h * v + h * w * g.path.velocity_to_score(v, x, t)
+        if i < 11:
+            x = x + torch.sqrt(2 * w * h) * torch.randn(x.shape, generator=gen, dtype=F64)
+    torch.testing.assert_close(out, x, atol=1e-12, rtol=1e-12)
+    assert not torch.equal(out, euler_maruyama(g.velocity, x1, steps=12, path=g.path))
+
+
 def test_euler_maruyama_is_reproducible_with_a_generator():
     g = Gaussian(get_path("linear"))
     x1 = _start_points()

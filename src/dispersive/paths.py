@@ -95,6 +95,18 @@ class AffinePath:
         """grad_x log p_t(x_t) = -E[noise | x_t] / sigma(t); undefined at t=0 (sigma=0)."""
         return -self.velocity_to_noise(v, x_t, t) / self.sigma(expand_like(t, x_t))
 
+    def score_coefficients(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(p, q), each (B, 1, ...), with ``velocity_to_score(v, x_t, t) = p x_t + q v``.
+
+        The score is linear in (x_t, v) on an affine path: p = alpha' / (det sigma), q = -alpha /
+        (det sigma), det = alpha sigma' - sigma alpha'. A sampler can fold p and q into its own
+        per-sample coefficients and update x in a couple of full-size operations instead of
+        forming the score (as the Euler-Maruyama sampler does). Undefined at t=0 (sigma=0).
+        """
+        a, s, da, _, det = self._inverse(x_t, t)
+        r = 1 / (det * s)
+        return da * r, -a * r
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

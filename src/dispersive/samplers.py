@@ -288,13 +288,18 @@ def euler_maruyama(
         t = _full_t(t_cur, x)
         v = _call(fn, x, t)
         w = expand_like(_diffusion_coefficient(diffusion, path, t, diffusion_scale), x)
-        mean = x - h * v
         if diffusion_scale > 0:
-            mean = mean + h * w * path.velocity_to_score(v, x, t)
+            # score = p x + q v, so the mean is c_x x + c_v v with per-sample (B, 1, ...)
+            # coefficients: two full-size operations where forming the score takes ten.
+            p, q = path.score_coefficients(x, t)
+            hw = h * w
+            mean = torch.addcmul(x * (1 + hw * p), v, hw * q - h)
+        else:
+            mean = x - h * v
         if i == n - 1:
             x = mean  # the final "mean" step adds no noise
         else:
-            x = mean + torch.sqrt(2 * w * h) * _randn_like(x, generator)
+            x = mean.addcmul_(_randn_like(x, generator), torch.sqrt(2 * w * h))
     return x
 
 
