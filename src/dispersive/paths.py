@@ -75,8 +75,7 @@ class AffinePath:
     def _inverse(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, ...]:
         # Invert the 2x2 system x_t = a x0 + s e, v = a' x0 + s' e for (x0, e): its per-sample
         # coefficients (B, 1, ...) and determinant. Each estimate below computes only its own
-        # row (the SDE sampler asks for the noise every step; the data estimate would be four
-        # full-size operations thrown away).
+        # row; the other's full-size operations would be thrown away.
         tt = expand_like(t, x_t)
         a, s, da, ds = self.alpha(tt), self.sigma(tt), self.d_alpha(tt), self.d_sigma(tt)
         return a, s, da, ds, a * ds - s * da
